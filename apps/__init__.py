@@ -1,0 +1,1 @@
+"""Application graphs (ensembling, routing, chain summary) and prompt building."""

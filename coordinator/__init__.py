@@ -1,0 +1,1 @@
+"""Coordinator: wire schemas, service loop, dispatch, CLI (kept empty at import)."""

