@@ -412,22 +412,12 @@ class ReplicaSim:
 
     # ------------------------------------------------------------------ V1 step
     def _step_v1(self) -> None:
-        cfg, ds = self.cfg, self.ds
-        budget = cfg.max_num_batched_tokens - self.dec.n
-        b0 = self.dec.blocks(ds)
-        held = b0 + self.pre_blocks
-        need = self.dec.blocks(ds + 1) - b0
-        items: list[tuple[int, int]] = []  # (request, tokens) for non-decode work
-        for r in self.prefilling:
-            n = min(self._known(r) - self.comp[r], budget)
-            need += _cdiv(self.comp[r] + n, cfg.block_size) - _cdiv(self.comp[r], cfg.block_size)
-            budget -= n
-            items.append((r, n))
+        items, budget, total = self._plan_running()  # items: (request, tokens) to prefill
         preempted = 0
-        if held + need > cfg.num_kv_blocks:
+        if total > self.cfg.num_kv_blocks:
             items, budget, preempted = self._schedule_with_preemption()
         else:
-            budget = self._admit_v1(items, budget, cfg.num_kv_blocks - held - need)
+            budget = self._admit_v1(items, budget, self.cfg.num_kv_blocks - total)
         self._execute(items, preempted)
 
     def _admit_v1(self, items: list[tuple[int, int]], budget: int, free: int) -> int:
@@ -451,38 +441,34 @@ class ReplicaSim:
         return budget
 
     def _schedule_with_preemption(self) -> tuple[list[tuple[int, int]], int, int]:
-        """Exact V1 running-queue pass when KV blocks run short; returns (items, budget, n)."""
-        cfg, bs = self.cfg, self.cfg.block_size
-        order = list(self.running)
-        comp = {r: self._computed(r) for r in order}
-        free = cfg.num_kv_blocks - sum(_cdiv(c, bs) for c in comp.values())
-        budget = cfg.max_num_batched_tokens
-        items: list[tuple[int, int]] = []
-        victims: list[int] = []
-        i = 0
-        while i < len(order) and budget > 0:
-            r = order[i]
-            n = 1 if self.in_dec[r] else min(self._known(r) - comp[r], budget)
-            nb = _cdiv(comp[r] + n, bs) - _cdiv(comp[r], bs)
-            while nb > free and order[-1] != r:
-                v = order.pop()
-                free += _cdiv(comp[v], bs)
-                victims.append(v)
-            if nb > free:  # r itself is the newest: preempt it
-                order.pop()
-                victims.append(r)
-                break
-            free -= nb
-            budget -= n
-            if not self.in_dec[r]:
-                items.append((r, n))
-            i += 1
-        for v in victims:
-            self._preempt(v)
-        return items, budget, len(victims)
+        """V1 running-queue pass when KV blocks run short; returns (items, budget, victims).
 
-    def _computed(self, r: int) -> int:
-        return self.dval[r] + self.ds if self.in_dec[r] else self.comp[r]
+        vLLM allocates in admission order and, when a request cannot get its blocks, preempts
+        the newest running request until it can. The survivors are therefore the longest
+        prefix of the running order whose blocks after the step fit, so popping the newest
+        request while the total does not fit gives the same set in O(victims x block_size).
+        """
+        victims = 0
+        while True:
+            items, budget, total = self._plan_running()
+            if total <= self.cfg.num_kv_blocks or not self.running:
+                return items, budget, victims
+            newest = next(reversed(self.running))
+            self._preempt(newest)
+            victims += 1
+
+    def _plan_running(self) -> tuple[list[tuple[int, int]], int, int]:
+        """Chunks for prefilling requests, budget left, and KV blocks held after the step."""
+        bs = self.cfg.block_size
+        budget = self.cfg.max_num_batched_tokens - self.dec.n
+        total = self.dec.blocks(self.ds + 1)
+        items = []
+        for r in self.prefilling:
+            n = min(self._known(r) - self.comp[r], budget)
+            total += _cdiv(self.comp[r] + n, bs)
+            budget -= n
+            items.append((r, n))
+        return items, budget, total
 
     def _preempt(self, r: int) -> None:
         """Free r's KV, keep its generated tokens and put it at the front of waiting."""
@@ -634,7 +620,14 @@ def _targets(requests: Sequence[SimRequest], engine: EngineConfig) -> list[int]:
                 f"request {i}: need output_len > generated >= 0 "
                 f"(output_len={r.output_len}, generated={r.generated})"
             )
-        out.append(min(r.output_len, engine.max_model_len - r.prompt_len))
+        target = min(r.output_len, engine.max_model_len - r.prompt_len)
+        reserve = int(engine.watermark * engine.num_kv_blocks) if engine.mode == "legacy030" else 0
+        if _cdiv(r.prompt_len + target, engine.block_size) + reserve > engine.num_kv_blocks:
+            raise ValueError(
+                f"request {i}: {r.prompt_len + target} tokens do not fit in num_kv_blocks="
+                f"{engine.num_kv_blocks} x block_size={engine.block_size} even alone"
+            )
+        out.append(target)
     return out
 
 
