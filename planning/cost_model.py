@@ -16,6 +16,11 @@ chunk_tokens x context length after the chunk).
 Because the model is linear in K, a run of decode-only steps in which nothing but the context
 grows has a closed-form total (:meth:`StepCostModel.decode_run_latency`): the simulator uses it
 to skip over such runs in O(1).
+
+The module also fits the model: :class:`StepRecords` (measured steps), :func:`fit_step_model`
+(relative-error, non-negative least squares with a knee grid search; :func:`nnls` is a small
+Lawson-Hanson solver), :func:`predict`, and :func:`extrapolate_tp` (a model for an unmeasured
+tensor-parallel degree). See docs/cost-model.md.
 """
 
 from __future__ import annotations
@@ -139,11 +144,14 @@ class StepRecords:
                 )
             length = arr.shape[0]
             if not np.all(np.isfinite(arr)):
-                raise ValueError(f"StepRecords.{name}: non-finite value at index "
-                                 f"{int(np.argmin(np.isfinite(arr)))}")
+                raise ValueError(
+                    f"StepRecords.{name}: non-finite value at index "
+                    f"{int(np.argmin(np.isfinite(arr)))}"
+                )
             if np.any(arr < 0):
-                raise ValueError(f"StepRecords.{name}: negative value at index "
-                                 f"{int(np.argmax(arr < 0))}")
+                raise ValueError(
+                    f"StepRecords.{name}: negative value at index {int(np.argmax(arr < 0))}"
+                )
             object.__setattr__(self, name, arr)
 
     def __len__(self) -> int:
@@ -234,6 +242,10 @@ def nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int | None = None) -> np.nda
     x = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
     tol = 10.0 * np.finfo(float).eps * max(a.shape) * float(np.abs(a).sum(axis=0).max(initial=0))
+    if a.shape[0] > 2 * n:
+        # Same minimiser on the n x n triangular factor: ||a x - b|| = ||r x - q'b|| + const.
+        q, r = np.linalg.qr(a)
+        a, b = r, q.T @ b
     for _ in range(max_iter if max_iter is not None else 3 * n + 10):
         grad = a.T @ (b - a @ x)
         free = ~passive & (grad > tol)
@@ -309,3 +321,58 @@ def fit_step_model(
             best = FittedStepModel(model, float(ape.mean()), float(ape.max()), len(records))
     assert best is not None
     return best
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-parallel extrapolation.
+# --------------------------------------------------------------------------------------------
+
+
+def tp_probe_records() -> StepRecords:
+    """Synthetic step compositions on which :func:`extrapolate_tp` compares models.
+
+    Decode steps of B = 1..512 sequences at 1..4096 context tokens each, and prefill steps of
+    1..8192 tokens split into prompts of 1..T tokens (attn pairs as for padded prompts).
+    Latencies are placeholders (1 s).
+    """
+    rows: list[tuple[float, float, float, float, float]] = []
+    for b in np.unique(np.round(np.geomspace(1, 512, 24))):
+        rows += [(0.0, b, b, b * per_seq, 0.0) for per_seq in (1, 8, 64, 256, 1024, 4096)]
+    for t in np.unique(np.round(np.geomspace(1, 8192, 30))):
+        for s in np.unique(np.round(np.geomspace(1, t, 8))):
+            b = max(1.0, float(np.round(t / s)))
+            rows.append((b * s, 0.0, b, b * s, b * s * s))
+    t = np.array(rows, dtype=np.float64)
+    return StepRecords(t[:, 0], t[:, 1], t[:, 2], t[:, 3], t[:, 4], np.ones(len(rows)))
+
+
+def extrapolate_tp(fits: dict[int, StepCostModel], tp: int) -> StepCostModel:
+    """A step model for ``tp`` from models fitted at other tps of the same model and GPU.
+
+    NOTE(cost-model): extrapolation is done on latencies, not coefficients. Each model is
+    evaluated on :func:`tp_probe_records`; at every probe the latency is fitted as a power law
+    ``a * tp**(-beta)`` (least squares in log-log space over the given tps) and evaluated at
+    ``tp``; a fresh :class:`StepCostModel` is then fitted to those latencies. Coefficient-wise
+    ``a + b/tp`` through tp 1 and 2 is fragile because the per-tp fits choose different knees
+    (measured tp4 error 27% vs 13% for this method, see docs/cost-model.md).
+
+    Raises:
+        ValueError: fewer than two distinct tps, tp < 1, or a non-positive prediction.
+    """
+    if len(fits) < 2 or min(fits) < 1 or tp < 1:
+        raise ValueError(f"extrapolate_tp: need >= 2 fitted tps >= 1, got {sorted(fits)} -> {tp}")
+    probes = tp_probe_records()
+    tps = np.array(sorted(fits), dtype=np.float64)
+    preds = np.array([predict(fits[int(t)], probes) for t in tps])
+    if np.any(preds <= 0):
+        raise ValueError("extrapolate_tp: a model predicts a non-positive latency")
+    basis = np.column_stack([np.ones_like(tps), np.log(tps)])
+    coef = np.linalg.lstsq(basis, np.log(preds), rcond=None)[0]
+    target = np.exp(coef[0] + coef[1] * np.log(float(tp)))
+    fitted = fit_step_model(
+        StepRecords(
+            probes.prefill_tokens, probes.decode_seqs, probes.num_seqs,
+            probes.context_tokens, probes.attn_pairs, target,
+        )
+    )  # fmt: skip
+    return fitted.model
