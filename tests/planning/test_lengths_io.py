@@ -49,7 +49,7 @@ def test_authors_short_name_and_hf_id_both_resolve(authors: dict[str, LengthDist
 def test_aquila_is_skipped_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
     if not PDFS.exists():
         pytest.skip("shared data not found")
-    with caplog.at_level(logging.WARNING, logger="planning.io.lengths"):
+    with caplog.at_level(logging.INFO, logger="planning.io.lengths"):
         pdfs = load_authors_pdfs(PDFS)
     assert "AquilaChat-7B" not in pdfs
     assert "degenerate" in pdfs.skipped["AquilaChat-7B"]

@@ -1,0 +1,65 @@
+"""``samullm estimate`` end to end on the shipped profiles and the shared length data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coordinator.cli import main
+from coordinator.settings import load_settings
+
+LENGTHS = load_settings().default_lengths
+needs_data = pytest.mark.skipif(not LENGTHS.exists(), reason=f"{LENGTHS} not present")
+
+
+@needs_data
+def test_estimate_json_over_parallelisms(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["estimate", "--model", "lmsys/vicuna-13b-v1.5", "--gpus", "4", "--requests",
+                 "300", "--max-tokens", "256", "--draws", "3", "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {(r["tp"], r["dp"]): r for r in doc["estimates"]}
+    assert set(rows) == {(1, 4), (2, 2), (4, 1)}
+    for r in rows.values():
+        assert 0 < r["p50_s"] <= r["p90_s"]
+        assert r["profile"] == "measured" and r["mean_output_tokens"] <= 256
+    # More replicas of a small model finish sooner than one wide replica.
+    assert rows[(1, 4)]["p50_s"] < rows[(4, 1)]["p50_s"]
+
+
+@needs_data
+def test_estimate_table_and_prompt_file(tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt_len\n120\n300\n45\n")
+    assert main(["estimate", "--model", "lmsys/vicuna-13b-v1.5", "--tp", "2",
+                 "--prompt-lens", str(prompts), "--draws", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 requests" in out and "fastest: tp=2 dp=1" in out
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "nosuch/model", "--tp", "1"], "no length distribution for 'nosuch/model'"),
+        (["--model", "lmsys/vicuna-13b-v1.5"], "give --tp, or --gpus"),
+        (["--model", "lmsys/vicuna-13b-v1.5", "--tp", "4", "--dp", "2", "--gpus", "4"],
+         "exceeds --gpus 4"),
+        (["--model", "lmsys/vicuna-13b-v1.5", "--tp", "1", "--lengths", "/nonexistent.json"],
+         "nonexistent.json"),
+    ],
+)
+def test_estimate_errors_exit_2(extra, message, capsys) -> None:
+    assert main(["estimate", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+@needs_data
+def test_bad_prompt_file_names_the_line(tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("100\nabc\n")
+    assert main(["estimate", "--model", "lmsys/vicuna-13b-v1.5", "--tp", "1",
+                 "--prompt-lens", str(prompts)]) == 2
+    assert "p.txt:2: prompt_len 'abc'" in capsys.readouterr().err
