@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gzip
 import sys
 import time
@@ -38,7 +39,8 @@ def prompt_lengths(n: int) -> tuple[np.ndarray, str]:
     trace = load_settings().shared_dir / "data" / "vidur_splitwise_conv.csv.gz"
     if trace.exists():
         with gzip.open(trace, "rt") as fh:
-            rows = [int(r["num_prefill_tokens"]) for _, r in zip(range(n), csv.DictReader(fh))]
+            reader = csv.DictReader(fh)
+            rows = [int(next(reader)["num_prefill_tokens"]) for _ in range(n)]
         return np.minimum(np.asarray(rows), 2048), f"{trace.name} (first {n}, cap 2048)"
     rng = np.random.default_rng(1)
     return rng.integers(16, 2048, n), "uniform 16..2047 (trace not found)"
@@ -74,7 +76,8 @@ def main() -> None:
         profile = profiles.get(MODEL, tp)
         engine = engine_for(profile, profiles.gpu, ServingConfig(mode=mode))
         reps = args.repeats if bulk else 1
-        wall, res = best_of(lambda: simulate(reqs, engine, profile.step, bulk=bulk), reps)
+        run = functools.partial(simulate, reqs, engine, profile.step, bulk=bulk)
+        wall, res = best_of(run, reps)
         print(f"{name:<26} {engine.num_kv_blocks:>9} {res.num_steps:>7} "
               f"{res.num_preemptions:>7} {res.total_s:>9.1f} {wall * 1e3:>9.1f}")
         if main_ms is None:
