@@ -226,8 +226,10 @@ class _DecodeSet:
         self.q_sum = 0  # blocks; sum of q over members
         self.hist = [0] * block_size  # members per key
         self.heap: list[tuple[int, int, int]] = []  # (finish step, request, epoch)
+        self._memo: dict[int, int] = {}  # step -> blocks, valid until the next add/remove
 
     def add(self, d: int) -> None:
+        self._memo = {}
         q, key = divmod(d, self.bs)
         self.n += 1
         self.sum_d += d
@@ -235,6 +237,7 @@ class _DecodeSet:
         self.hist[key] += 1
 
     def remove(self, d: int) -> None:
+        self._memo = {}
         q, key = divmod(d, self.bs)
         self.n -= 1
         self.sum_d -= d
@@ -245,11 +248,15 @@ class _DecodeSet:
         """Exact KV blocks held by the members at step boundary ``s``."""
         if self.n == 0:
             return 0
+        got = self._memo.get(s)
+        if got is not None:
+            return got
         m, r = divmod(s, self.bs)
         extra = self.n - (self.hist[0] if r == 0 else 0)
         if r > 1:
             extra += sum(self.hist[self.bs - r + 1 :])
-        return self.q_sum + self.n * m + extra
+        got = self._memo[s] = self.q_sum + self.n * m + extra
+        return got
 
     def computed(self, s: int) -> int:
         """Sum of computed tokens of the members at step boundary ``s``."""
@@ -421,20 +428,22 @@ class ReplicaSim:
         self._execute(items, preempted)
 
     def _admit_v1(self, items: list[tuple[int, int]], budget: int, free: int) -> int:
-        cfg = self.cfg
-        while self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0:
-            r = self.waiting[0]
-            total = self._known(r)
-            if total > budget and not cfg.chunked_prefill:
+        cfg, waiting, running, prefilling = self.cfg, self.waiting, self.running, self.prefilling
+        bs, max_seqs, chunked = cfg.block_size, cfg.max_num_seqs, cfg.chunked_prefill
+        prompt, gen, comp = self.prompt, self.gen, self.comp
+        while waiting and len(running) < max_seqs and budget > 0:
+            r = waiting[0]
+            total = prompt[r] + gen[r]
+            if total > budget and not chunked:
                 break
-            n = min(total, budget)
-            nb = _cdiv(n, cfg.block_size)
+            n = total if total < budget else budget
+            nb = -(-n // bs)
             if nb > free:
                 break
-            self.waiting.popleft()
-            self.running[r] = None
-            self.prefilling.append(r)
-            self.comp[r] = 0
+            waiting.popleft()
+            running[r] = None
+            prefilling.append(r)
+            comp[r] = 0
             items.append((r, n))
             free -= nb
             budget -= n

@@ -274,22 +274,34 @@ def _nnls_inner(
             return x, passive
 
 
-def _fit_at_knee(records: StepRecords, knee_tokens: float) -> np.ndarray:
-    """Non-negative coefficients minimising the mean absolute relative error at one knee."""
-    y = records.latency_s
-    rows = design_matrix(records, knee_tokens) / y[:, None]  # relative-error rows
+def fit_relative_nnls(
+    x: np.ndarray, y: np.ndarray, *, iterations: int = IRLS_ITERATIONS
+) -> tuple[np.ndarray, float]:
+    """Non-negative ``k`` minimising about mean(|x k - y| / y); returns (k, that mean).
+
+    Rows are divided by their target (relative error), columns scaled to unit norm, and
+    ``iterations`` rounds of iteratively reweighted NNLS turn squared into absolute error.
+    """
+    rows = x / y[:, None]  # relative-error rows, target 1
     scale = np.sqrt((rows * rows).sum(axis=0))
     scale[scale == 0] = 1.0
     rows = rows / scale
     weights = np.ones_like(y)
     coef = np.zeros(rows.shape[1])
-    for _ in range(IRLS_ITERATIONS + 1):
+    resid = np.ones_like(y)
+    for _ in range(iterations + 1):
         sw = np.sqrt(weights)
         coef = nnls(rows * sw[:, None], sw)
         resid = np.abs(rows @ coef - 1.0)
         weights = 1.0 / np.maximum(resid, _IRLS_FLOOR)
     result: np.ndarray = coef / scale
-    return result
+    return result, float(resid.mean())
+
+
+def _fit_at_knee(records: StepRecords, knee_tokens: float) -> np.ndarray:
+    """Non-negative coefficients minimising the mean absolute relative error at one knee."""
+    coef, _ = fit_relative_nnls(design_matrix(records, knee_tokens), records.latency_s)
+    return coef
 
 
 def fit_step_model(

@@ -23,7 +23,7 @@ from planning.cost_model import (
     StepCostModel,
     StepRecords,
     design_matrix,
-    nnls,
+    fit_relative_nnls,
 )
 
 MLP_KINDS: tuple[str, ...] = ("gated", "plain", "moe")
@@ -283,19 +283,8 @@ def _calib_rows(
 
 
 def _fit_relative(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Non-negative factors minimising mean |x k - y| / y (IRLS); returns (k, MAPE)."""
-    rows = x / y[:, None]
-    scale = np.sqrt((rows * rows).sum(axis=0))
-    scale[scale == 0] = 1.0
-    rows = rows / scale
-    w = np.ones_like(y)
-    k = np.zeros(rows.shape[1])
-    for _ in range(_CALIB_IRLS + 1):
-        sw = np.sqrt(w)
-        k = nnls(rows * sw[:, None], sw)
-        resid = np.abs(rows @ k - 1.0)
-        w = 1.0 / np.maximum(resid, 1e-3)
-    return k / scale, float(resid.mean())
+    """Non-negative factors minimising mean |x k - y| / y; returns (k, MAPE)."""
+    return fit_relative_nnls(x, y, iterations=_CALIB_IRLS)
 
 
 def calibrate_analytic(

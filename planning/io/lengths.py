@@ -20,15 +20,14 @@ import csv
 import gzip
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from planning.io.atomic import atomic_write_text
 from planning.length_dist import LengthDistribution, LengthFormatError, LengthObservations
 
 logger = logging.getLogger(__name__)
@@ -247,18 +246,7 @@ def _as_bool(path: str | Path, value: Any, line: int) -> bool:
 # ------------------------------------------------------------------ saved distributions
 def save_distribution(path: str | Path, dist: LengthDistribution) -> None:
     """Write ``dist`` as ``samullm.lengths/1`` JSON, atomically (tmp file + os.replace)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(dist.to_dict(), fh, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(dist.to_dict(), allow_nan=False) + "\n")
 
 
 def load_distribution(path: str | Path) -> LengthDistribution:

@@ -32,8 +32,6 @@ import csv
 import gzip
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -43,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from planning.cost_model import RECORD_FIELDS, StepCostModel, StepRecords
+from planning.io.atomic import atomic_write_text
 from planning.profile import (
     CALIB_STEP_TERMS,
     AnalyticCalib,
@@ -184,7 +183,7 @@ def write_step_records(path: str | Path, records: dict[StepKey, StepRecords]) ->
     for (model, tp, gpu), rec in records.items():
         table = np.column_stack([getattr(rec, f) for f in RECORD_FIELDS])
         lines += [f"{model},{tp},{gpu}," + ",".join(repr(float(v)) for v in row) for row in table]
-    _atomic_write(Path(path), "\n".join(lines) + "\n")
+    _write(Path(path), "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,24 +458,13 @@ def write_profiles(
     path: str | Path, profiles: ProfileSet, *, notes: dict[str, Any] | None = None
 ) -> None:
     """Write ``profiles`` atomically (temporary file in the same folder, then os.replace)."""
-    _atomic_write(Path(path), profiles_to_json(profiles, notes=notes))
+    _write(Path(path), profiles_to_json(profiles, notes=notes))
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _write(path: Path, text: str) -> None:
     if not path.parent.is_dir():
         raise ProfileError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; keep the old file's mode, else the usual 0644.
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def read_profiles(path: str | Path) -> ProfileSet:
