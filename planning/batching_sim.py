@@ -262,6 +262,26 @@ class _DecodeSet:
         """Sum of computed tokens of the members at step boundary ``s``."""
         return self.sum_d + self.n * s
 
+    def steps_within(self, s: int, cap: int) -> int:
+        """Largest k >= 0 with ``blocks(s + k) <= cap`` (every member decoding k more steps).
+
+        Each member gains exactly one block every ``bs`` steps, so
+        ``blocks(s + m*bs + r) = blocks(s + r) + n*m``: whole periods first, then bisect r.
+        """
+        base = self.blocks(s)
+        if base > cap or self.n == 0:
+            return 0
+        periods = (cap - base) // self.n
+        room = cap - base - self.n * periods
+        lo, hi = 0, self.bs - 1  # largest r with blocks(s + r) - base <= room
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.blocks(s + mid) - base <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        return periods * self.bs + lo
+
 
 class ReplicaSim:
     """Simulates one engine replica over a fixed request list (see module docstring)."""
@@ -352,16 +372,8 @@ class ReplicaSim:
         while dec.heap and dec.heap[0][2] != self.epoch[dec.heap[0][1]]:
             heapq.heappop(dec.heap)
         k = dec.heap[0][0] - self.ds + 1  # through the next finish step
-        cap = self.cfg.num_kv_blocks
-        if dec.blocks(self.ds + k) > cap:  # the largest k whose KV still fits
-            lo, hi = 0, k - 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if dec.blocks(self.ds + mid) <= cap:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            k = lo
+        if dec.blocks(self.ds + k) > self.cfg.num_kv_blocks:
+            k = min(k, dec.steps_within(self.ds, self.cfg.num_kv_blocks))
         if k > 0 and self.pending and len(self.running) < self.cfg.max_num_seqs:
             k = min(k, self._steps_until(self.arrival[self.pending[0]], k))
         return k
@@ -560,9 +572,14 @@ class ReplicaSim:
                 seqs += 1
         ctx += self.dec.computed(self.ds + 1)
         lat = self.cost.step_latency(prefill, n_dec, seqs, ctx, attn)
-        self._advance(lat, decodes=True)
-        self._finish_items(items, s)
-        self._log_row((prefill, n_dec, seqs, ctx, attn, preempted, lat))
+        self.segments.append((s, 1, self.t, lat, 0.0, self.ds, 1))
+        self.t += lat
+        self.s += 1
+        self.ds += 1
+        if items:
+            self._finish_items(items, s)
+        if self.log is not None:
+            self._log_row((prefill, n_dec, seqs, ctx, attn, preempted, lat))
 
     def _advance(self, lat: float, *, decodes: bool) -> None:
         dstep = 1 if decodes else 0
