@@ -172,7 +172,9 @@ class _StepLogBuilder:
     def add(self, row: tuple[float, ...]) -> None:
         self.rows.append(row)
 
-    def add_run(self, n: int, context0: int, seg: _Segment, kv: list[int]) -> None:
+    def add_run(
+        self, n: int, context0: int, seg: _Segment, kv: list[int], preempted: int = 0
+    ) -> None:
         self._flush()
         k = seg[1]
         j = np.arange(k, dtype=np.float64)
@@ -184,6 +186,7 @@ class _StepLogBuilder:
         block[:, 3] = context0 + n * j
         block[:, 4] = 0.0
         block[:, 5] = 0
+        block[0, 5] = preempted
         block[:, 6] = lat
         block[:, 7] = seg[2] + np.cumsum(lat)
         block[:, 8] = kv
@@ -337,7 +340,9 @@ class ReplicaSim:
                 continue
             k = self._bulk_len()
             if k > 0:
-                self._bulk(k)
+                self._bulk(k, 0)
+            elif self.cfg.mode == "v1" and self._preempt_into_bulk():
+                pass
             elif self.cfg.mode == "v1":
                 self._step_v1()
             else:
@@ -396,11 +401,46 @@ class ReplicaSim:
                 lo = mid + 1
         return lo
 
-    def _bulk(self, k: int) -> None:
+    def _preempt_into_bulk(self) -> bool:
+        """A decode-only V1 step that must preempt, run as the first step of a bulk run.
+
+        Only when no prompt is being prefilled: the step then preempts the newest requests
+        until the rest fit and admits nobody (vLLM admits only in steps without preemption),
+        so it is a plain decode step of the survivors; the run continues while
+        :meth:`_bulk_len` would allow it. Returns False when this shortcut does not apply.
+        """
+        if not self.bulk or self.prefilling or self.dec.n == 0:
+            return False
+        if self.dec.blocks(self.ds + 1) <= self.cfg.num_kv_blocks:
+            return False
+        _, _, victims = self._schedule_with_preemption()
+        if self.dec.n == 0:  # everything was preempted: nothing decodes this step
+            self._execute([], victims)
+            return True
+        k = 1 if self._can_admit(self.dec.blocks(self.ds + 2)) else 0
+        if k == 0:
+            k = max(1, self._bulk_len_after_first())
+        self._bulk(k, victims)
+        return True
+
+    def _bulk_len_after_first(self) -> int:
+        """Run length when the first step is already fixed (see :meth:`_bulk_len`)."""
+        dec = self.dec
+        while dec.heap and dec.heap[0][2] != self.epoch[dec.heap[0][1]]:
+            heapq.heappop(dec.heap)
+        k = dec.heap[0][0] - self.ds + 1
+        if dec.blocks(self.ds + k) > self.cfg.num_kv_blocks:
+            k = min(k, dec.steps_within(self.ds, self.cfg.num_kv_blocks))
+        if k > 1 and self.pending and len(self.running) < self.cfg.max_num_seqs:
+            k = min(k, self._steps_until(self.arrival[self.pending[0]], k))
+        return k
+
+    def _bulk(self, k: int, preempted: int) -> None:
         seg = self._run_segment(k)
         if self.log is not None:
             kv = [self.dec.blocks(self.ds + j + 1) for j in range(k)]
-            self.log.add_run(self.dec.n, self.dec.computed(self.ds) + self.dec.n, seg, kv)
+            ctx0 = self.dec.computed(self.ds) + self.dec.n
+            self.log.add_run(self.dec.n, ctx0, seg, kv, preempted)
         self.segments.append(seg)
         self.t = seg[2] + seg[3] * k + seg[4] * k * (k - 1) / 2.0
         self.s += k
@@ -578,8 +618,7 @@ class ReplicaSim:
         self.ds += 1
         if items:
             self._finish_items(items, s)
-        if self.log is not None:
-            self._log_row((prefill, n_dec, seqs, ctx, attn, preempted, lat))
+        self._log_row((prefill, n_dec, seqs, ctx, attn, preempted, lat))
 
     def _advance(self, lat: float, *, decodes: bool) -> None:
         dstep = 1 if decodes else 0
@@ -593,11 +632,11 @@ class ReplicaSim:
         if self.log is not None:
             kv = self.dec.blocks(self.ds) + self.pre_blocks + self._finished_blocks
             self.log.add((*row, self.t, kv))
+        self._finished_blocks = 0
 
     def _finish_items(self, items: list[tuple[int, int]], s: int) -> None:
         """Apply chunks computed in step ``s`` (already run); complete prompts emit a token."""
         bs, comp, gen, target = self.cfg.block_size, self.comp, self.gen, self.target
-        self._finished_blocks = 0
         for r, n in items:
             before = comp[r]
             after = comp[r] = before + n
