@@ -74,10 +74,24 @@ def _estimate(args: argparse.Namespace) -> list[dict[str, Any]]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         mode=args.mode,
     )
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise CliError(f"--max-tokens must be positive, got {args.max_tokens}")
     rows = []
     for tp, dp in _parallelisms(args):
         profile = profiles.get(args.model, tp)
-        engine = engine_for(profile, profiles.gpu, serving)
+        try:
+            engine = engine_for(profile, profiles.gpu, serving)
+        except ValueError as exc:
+            if args.tp is not None:  # asked for explicitly: a real error
+                raise
+            print(f"skipping tp={tp}: {exc}", file=sys.stderr)
+            continue
+        if engine.num_kv_blocks * engine.block_size < int(prompts.max()) + 1:
+            msg = f"tp={tp}: KV cache holds {engine.num_kv_blocks} blocks, too few for a prompt"
+            if args.tp is not None:
+                raise CliError(msg)
+            print(f"skipping {msg}", file=sys.stderr)
+            continue
         rng = np.random.default_rng(args.seed)  # same draws for every parallelism
         began = time.perf_counter()
         est = estimate_serving_time(
@@ -91,6 +105,8 @@ def _estimate(args: argparse.Namespace) -> list[dict[str, Any]]:
             "mean_output_tokens": est.mean_output_tokens, "requests": int(prompts.size),
             "estimate_seconds": time.perf_counter() - began,
         })
+    if not rows:
+        raise CliError(f"{args.model} fits at none of the tps tried")
     return rows
 
 

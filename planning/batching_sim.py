@@ -51,6 +51,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     mode: Mode = "v1"
     chunked_prefill: bool = True  # v1 only: split prompts longer than the budget left
+    # v1 only: admit a waiting request only when blocks for all its known tokens are free,
+    # not just its first chunk (vLLM's scheduler_reserve_full_isl, on by default since 0.2x).
+    reserve_full_isl: bool = True
     watermark: float = 0.01  # legacy030: fraction of blocks kept free at admission
 
     def __post_init__(self) -> None:
@@ -61,6 +64,12 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_num_batched_tokens must be >= max_num_seqs")
         if self.mode not in ("v1", "legacy030"):
             raise ValueError(f"EngineConfig.mode must be 'v1' or 'legacy030', not {self.mode!r}")
+        whole = self.mode == "legacy030" or not self.chunked_prefill
+        if whole and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "EngineConfig.max_num_batched_tokens must be >= max_model_len when prompts are "
+                "not chunked (legacy030 or chunked_prefill=False), else long prompts never run"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,7 +473,8 @@ class ReplicaSim:
         budget = self.cfg.max_num_batched_tokens - self.dec.n
         if budget <= 0 or (need > budget and not self.cfg.chunked_prefill):
             return False
-        return _cdiv(min(need, budget), self.cfg.block_size) <= free
+        reserve = need if self.cfg.reserve_full_isl else min(need, budget)
+        return _cdiv(reserve, self.cfg.block_size) <= free
 
     def _watermark(self) -> int:
         return int(self.cfg.watermark * self.cfg.num_kv_blocks)
@@ -482,6 +492,7 @@ class ReplicaSim:
     def _admit_v1(self, items: list[tuple[int, int]], budget: int, free: int) -> int:
         cfg, waiting, running, prefilling = self.cfg, self.waiting, self.running, self.prefilling
         bs, max_seqs, chunked = cfg.block_size, cfg.max_num_seqs, cfg.chunked_prefill
+        full = cfg.reserve_full_isl
         prompt, gen, comp = self.prompt, self.gen, self.comp
         while waiting and len(running) < max_seqs and budget > 0:
             r = waiting[0]
@@ -490,7 +501,7 @@ class ReplicaSim:
                 break
             n = total if total < budget else budget
             nb = -(-n // bs)
-            if nb > free:
+            if (-(-total // bs) if full else nb) > free:
                 break
             waiting.popleft()
             running[r] = None

@@ -98,6 +98,8 @@ def estimate_serving_time(
         raise ValueError("prompt_lens must be a non-empty 1-D array of token counts")
     if draws < 1:
         raise ValueError("draws must be >= 1")
+    if max_tokens is not None and (np.asarray(max_tokens) < 1).any():
+        raise ValueError("max_tokens must be >= 1")
     room = engine.max_model_len - prompts
     if (room <= 0).any():
         bad = int(np.argmax(room <= 0))

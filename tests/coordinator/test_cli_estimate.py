@@ -49,6 +49,9 @@ def test_estimate_table_and_prompt_file(tmp_path: Path, capsys) -> None:
          "exceeds --gpus 4"),
         (["--model", "lmsys/vicuna-13b-v1.5", "--tp", "1", "--lengths", "/nonexistent.json"],
          "nonexistent.json"),
+        (["--model", "meta-llama/Llama-2-70b-chat-hf", "--tp", "1"], "do not fit"),
+        (["--model", "lmsys/vicuna-13b-v1.5", "--tp", "1", "--max-tokens", "0"],
+         "--max-tokens must be positive"),
     ],
 )
 def test_estimate_errors_exit_2(extra, message, capsys) -> None:
@@ -63,3 +66,13 @@ def test_bad_prompt_file_names_the_line(tmp_path: Path, capsys) -> None:
     assert main(["estimate", "--model", "lmsys/vicuna-13b-v1.5", "--tp", "1",
                  "--prompt-lens", str(prompts)]) == 2
     assert "p.txt:2: prompt_len 'abc'" in capsys.readouterr().err
+
+
+@needs_data
+def test_automatic_tps_skip_what_does_not_fit(capsys) -> None:
+    assert main(["estimate", "--model", "meta-llama/Llama-2-70b-chat-hf", "--gpus", "8",
+                 "--requests", "200", "--draws", "2", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "skipping tp=1" in out.err
+    tps = [r["tp"] for r in json.loads(out.out)["estimates"]]
+    assert 1 not in tps and tps == sorted(tps) and tps

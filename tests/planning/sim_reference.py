@@ -116,7 +116,8 @@ def _schedule_v1(rs, cfg, running, waiting, out):
         if rs[i].known > budget and not cfg.chunked_prefill:
             break
         n = min(rs[i].known, budget)
-        if _cdiv(n, bs) > free:
+        # vLLM's scheduler_reserve_full_isl: the whole known sequence must fit, not the chunk.
+        if _cdiv(rs[i].known if cfg.reserve_full_isl else n, bs) > free:
             break
         waiting.popleft()
         running.append(i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -41,12 +42,15 @@ def workloads(draw: st.DrawFn) -> tuple[list[SimRequest], EngineConfig]:
     max_seqs = draw(st.integers(1, 12))
     mbt = draw(st.integers(max(max_seqs, max_len if mode == "legacy030" else 1), 1024))
     need = _cdiv(max_len + 1, bs) + 2  # room for the longest request alone
+    if mode == "legacy030":
+        need = _cdiv(need * 100, 95) + 1  # and for it beside a watermark of up to 5%
     blocks = draw(st.integers(need, need * 6))
     cfg = EngineConfig(
         num_kv_blocks=blocks, max_model_len=max_len, max_num_seqs=max_seqs,
         max_num_batched_tokens=mbt, block_size=bs, mode=mode,
         chunked_prefill=draw(st.booleans()) or mode == "legacy030" or mbt < max_len,
-        watermark=0.0,
+        reserve_full_isl=draw(st.booleans()),
+        watermark=draw(st.sampled_from([0.0, 0.0, 0.01, 0.05])) if mode == "legacy030" else 0.0,
     )
     return reqs, cfg
 
@@ -74,11 +78,14 @@ def test_bulk_skipping_equals_step_by_step_and_reference(case) -> None:
 def test_invariants(case) -> None:
     reqs, cfg = case
     res = simulate(reqs, cfg, COST, record_steps=True)
+    ref = run_reference(reqs, cfg, COST)
     log = res.steps
     assert log is not None and len(log.end_s) == res.num_steps
     assert np.all(np.diff(log.end_s) >= 0)  # clock monotone
     assert np.all(log.latency_s > 0)
-    assert np.all(log.kv_blocks <= cfg.num_kv_blocks)  # never over capacity
+    # KV never over capacity, counted independently by the reference scheduler too.
+    assert ref.max_blocks <= cfg.num_kv_blocks
+    assert int(log.kv_blocks.max()) == ref.max_blocks
     assert np.all(log.num_seqs <= cfg.max_num_seqs)
     targets = [min(r.output_len, cfg.max_model_len - r.prompt_len) for r in reqs]
     end = res.snapshot(res.total_s)
@@ -89,7 +96,7 @@ def test_invariants(case) -> None:
     computed = int(log.prefill_tokens.sum() + log.decode_seqs.sum())
     base = sum(r.prompt_len + t - 1 for r, t in zip(reqs, targets, strict=True))
     if cfg.mode == "v1":
-        assert computed == run_reference(reqs, cfg, COST).tokens_computed
+        assert computed == ref.tokens_computed
         assert computed == base if res.num_preemptions == 0 else computed > base
     assert computed >= base
 
@@ -104,12 +111,14 @@ def test_preempted_requests_recompute_and_finish() -> None:
     assert list(res.snapshot(res.total_s).generated) == [200] * 6
 
 
-def test_snapshot_is_monotone_and_partial() -> None:
-    cfg = EngineConfig(num_kv_blocks=4000, max_model_len=2048)
+@pytest.mark.parametrize("blocks", [4000, 60])  # 60 blocks: requests are preempted
+def test_snapshot_is_monotone_and_partial(blocks: int) -> None:
+    cfg = EngineConfig(num_kv_blocks=blocks, max_model_len=700)
     rng = np.random.default_rng(3)
     prompts, outs = rng.integers(10, 300, 50), rng.integers(5, 400, 50)
     reqs = [SimRequest(int(p), int(o)) for p, o in zip(prompts, outs, strict=True)]
     res = simulate(reqs, cfg, COST)
+    assert (res.num_preemptions > 0) == (blocks == 60)
     prev = np.zeros(len(reqs), dtype=np.int64)
     for t in np.linspace(0, res.total_s, 25):
         snap = res.snapshot(float(t))
@@ -133,7 +142,10 @@ def test_dp_time_is_slowest_replica() -> None:
     cfg = EngineConfig(num_kv_blocks=4000, max_model_len=2048)
     reqs = [SimRequest(50, 10 + 40 * (i % 5)) for i in range(40)]
     res = simulate_dp(reqs, cfg, COST, dp=3)
-    assert res.total_s == max(r.total_s for r in res.replicas)
+    alone = [simulate([reqs[i] for i in part], cfg, COST) for part in res.assignment]
+    assert res.total_s == max(r.total_s for r in alone)  # each replica is independent
+    for part, r in zip(res.assignment, alone, strict=True):
+        np.testing.assert_array_equal(res.finish_s[part], r.finish_s)
     assert sorted(i for part in res.assignment for i in part) == list(range(40))
     assert res.assignment[0][:3] == [0, 3, 6]
     single = simulate(reqs, cfg, COST).total_s
@@ -152,6 +164,10 @@ def test_dp_time_is_slowest_replica() -> None:
         ({"num_kv_blocks": 10, "max_model_len": 10, "max_num_batched_tokens": 8,
           "max_num_seqs": 16}, "max_num_batched_tokens"),
         ({"num_kv_blocks": 10, "max_model_len": 10, "mode": "v2"}, "mode"),
+        ({"num_kv_blocks": 10, "max_model_len": 512, "max_num_batched_tokens": 256,
+          "chunked_prefill": False}, "max_num_batched_tokens must be >= max_model_len"),
+        ({"num_kv_blocks": 10, "max_model_len": 512, "max_num_batched_tokens": 256,
+          "mode": "legacy030"}, "max_num_batched_tokens must be >= max_model_len"),
     ],
 )
 def test_engine_config_errors_name_the_field(kwargs, field) -> None:
@@ -167,3 +183,16 @@ def test_bad_requests_name_the_request() -> None:
         simulate([SimRequest(10, 0)], cfg, COST)
     out = simulate([SimRequest(90, 50)], cfg, COST)  # clipped to the context left
     assert list(out.snapshot(out.total_s).generated) == [10]
+
+
+def test_admission_reserves_the_whole_known_sequence() -> None:
+    # Chunked prefill would admit the second request's first chunk and then thrash; with
+    # vLLM's reserve_full_isl it waits until its whole prompt fits.
+    cfg = EngineConfig(num_kv_blocks=20, max_model_len=512, max_num_batched_tokens=64,
+                       max_num_seqs=8)
+    reqs = [SimRequest(100, 200), SimRequest(250, 10)]
+    full = simulate(reqs, cfg, COST)
+    assert full.num_preemptions == 0
+    assert full.finish_s[1] > full.finish_s[0]  # it ran after the first one finished
+    chunk_only = simulate(reqs, dataclasses.replace(cfg, reserve_full_isl=False), COST)
+    assert chunk_only.num_preemptions > 0
