@@ -68,7 +68,7 @@ def main() -> None:
     print(f"requests: {N}, prompts from {source}, mean prompt {prompts.mean():.0f}, "
           f"mean output {outs.mean():.0f} tokens")
     cases = [("v1 tp2 (main)", 2, "v1", True), ("v1 tp2 token-by-token", 2, "v1", False),
-             ("v1 tp4 (KV not binding)", 4, "v1", True), ("v1 tp1 memory-bound", 1, "v1", True),
+             ("v1 tp4 (2.2x the KV)", 4, "v1", True), ("v1 tp1 memory-bound", 1, "v1", True),
              ("legacy030 tp2", 2, "legacy030", True)]
     print(f"{'case':<26} {'KV blocks':>9} {'steps':>7} {'preempt':>7} {'sim s':>9} {'cpu ms':>9}")
     main_ms = None
