@@ -2,19 +2,25 @@
 
 For every (model, tp) in the shared vLLM 0.3.0 latency data: a fitted step model (features in
 the legacy 0.3.0 convention of :mod:`planning.io.profiles`), the logged weight and KV bytes,
-and the load time chosen by :func:`planning.io.profiles.read_load_times`. Models of
+the activation bytes of vLLM's profiling run (``a100_vllm030_profile_runs.csv``, see
+:meth:`planning.profile.ProfileRun.activation_bytes`) and the load time chosen by
+:func:`planning.io.profiles.read_load_times`. Models of
 ``model_sizes.json`` without latency data get a twin's measured step model when their config
 is identical to a measured model (:data:`TWINS`), else the analytic fallback calibrated on all
-measured models. Architectures and the calibration are stored too, so ``ProfileSet.get`` can
-build analytic profiles for any other tp.
+measured models (step, load time and activation bytes). Architectures and the calibration are
+stored too, so ``ProfileSet.get`` can build analytic profiles for any other tp. The activation
+table printed first checks the KV blocks against the logged ``num_gpu_blocks`` and gives the
+activation model's leave-one-model-out error.
 
-Run: ``PYTHONPATH=. python3 bench/fit_default_profiles.py`` (about a minute on 2 cores).
+Run: ``PYTHONPATH=. python3 bench/fit_default_profiles.py`` (about 1.5 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import numpy as np
 
 from planning.cost_model import FittedStepModel, fit_step_model
 from planning.io.profiles import (
@@ -23,6 +29,7 @@ from planning.io.profiles import (
     ModelSizes,
     read_load_times,
     read_model_sizes,
+    read_profile_runs,
     read_vllm030_latency,
     write_profiles,
 )
@@ -32,8 +39,11 @@ from planning.profile import (
     CalibrationSample,
     ModelArch,
     ModelProfile,
+    ProfileRun,
     ProfileSet,
     calibrate_analytic,
+    estimate_activation_bytes,
+    fit_activation,
     profile_from_fit,
 )
 
@@ -43,6 +53,7 @@ OUT = REPO / "planning" / "profiles" / "a100_80gb.json"
 LATENCY_FILE = "a100_vllm030_iteration_latency.csv.gz"
 SIZES_FILE = "model_sizes.json"
 LOAD_FILE = "a100_model_load_time.json"
+RUNS_FILE = "a100_vllm030_profile_runs.csv"
 # NOTE(profiles): identical HF configs (layers, hidden, heads, intermediate, vocab, MoE shape).
 TWINS = {
     "WizardLMTeam/WizardLM-13B-V1.2": "NousResearch/Llama-2-13b-hf",
@@ -76,6 +87,7 @@ def measured_entries(
     sizes: dict[str, ModelSizes],
     loads: dict[tuple[str, int], LoadTime],
     calib: AnalyticCalib,
+    activations: dict[tuple[str, int], int],
 ) -> dict[tuple[str, int], ModelProfile]:
     """One measured profile per fitted (model, tp)."""
     out = {}
@@ -87,8 +99,52 @@ def measured_entries(
             weight_bytes_per_gpu=s.weight_bytes_per_gpu.get(tp),
             kv_bytes_per_token_per_gpu=s.kv_bytes_per_token_per_gpu.get(tp),
             load_time_s=None if lt is None else lt.seconds, calib=calib,
+            activation_bytes_per_gpu=activations.get((model, tp)),
         )  # fmt: skip
     return out
+
+
+def measured_activations(
+    runs: dict[tuple[str, int], ProfileRun], sizes: dict[str, ModelSizes]
+) -> dict[tuple[str, int], int]:
+    """Activation bytes per GPU of every (model, tp) with a profiling run and known weights."""
+    out = {}
+    for (model, tp), run in sorted(runs.items()):
+        weights = sizes[model].weight_bytes_per_gpu.get(tp) if model in sizes else None
+        if weights is not None:
+            out[(model, tp)] = run.activation_bytes(weights)
+    return out
+
+
+def activation_table(
+    runs: dict[tuple[str, int], ProfileRun],
+    sizes: dict[str, ModelSizes],
+    activations: dict[tuple[str, int], int],
+) -> None:
+    """Print logged vs reproduced KV blocks and the leave-one-model-out activation estimate."""
+    print(f"{'model':48s} {'tp':>2s} {'act GB':>6s} {'logged':>7s} {'peak-w':>7s} {'ours':>7s} "
+          f"{'LOMO GB':>7s} {'LOMO blocks':>11s}")  # fmt: skip
+    act_err, block_err = [], []
+    for (model, tp), act in sorted(activations.items()):
+        run, arch = runs[(model, tp)], sizes[model].arch
+        others = [(sizes[m].arch, t, a) for (m, t), a in activations.items() if m != model]
+        loo = estimate_activation_bytes(arch, tp, fit_activation(others))
+        blocks = [_blocks(run, sizes[model].weight_bytes_per_gpu[tp], a)
+                  for a in (run.profiled_peak_memory_bytes - sizes[model].weight_bytes_per_gpu[tp],
+                            act, loo)]  # fmt: skip
+        act_err.append(abs(loo - act) / act)
+        block_err.append(abs(blocks[2] - run.num_gpu_blocks) / run.num_gpu_blocks)
+        print(f"{model:48s} {tp:2d} {act / 1e9:6.3f} {run.num_gpu_blocks:7d} {blocks[0]:7d} "
+              f"{blocks[1]:7d} {loo / 1e9:7.3f} {blocks[2]:11d}")  # fmt: skip
+    print(f"activation model, leave one model out: MAPE {np.mean(act_err):.3f} (max "
+          f"{np.max(act_err):.3f}); KV blocks off by {np.mean(block_err):.2%} on average "
+          f"(max {np.max(block_err):.2%})\n")  # fmt: skip
+
+
+def _blocks(run: ProfileRun, weights: int, activation: int) -> int:
+    """KV blocks vLLM 0.3.0 allocates with these weight and activation bytes."""
+    free = run.total_gpu_memory_bytes * run.gpu_memory_utilization - weights - activation
+    return int(free // run.kv_cache_bytes_per_block)
 
 
 def fallback_entries(
@@ -120,7 +176,7 @@ def fallback_entries(
 def _replace_memory(p: ModelProfile, weights: int, load_s: float) -> ModelProfile:
     return ModelProfile(
         p.model, p.tp, p.gpu, p.step, load_s, weights, p.kv_bytes_per_token_per_gpu,
-        p.max_model_len, p.source, p.fit_mape,
+        p.max_model_len, p.source, p.fit_mape, p.activation_bytes_per_gpu,
     )  # fmt: skip
 
 
@@ -132,25 +188,33 @@ def main() -> None:
     data = read_vllm030_latency(args.data / LATENCY_FILE)
     sizes = read_model_sizes(args.data / SIZES_FILE, default_max_model_len=DEFAULT_MAX_MODEL_LEN)
     loads = read_load_times(args.data / LOAD_FILE)
+    runs = read_profile_runs(args.data / RUNS_FILE)
+    activations = measured_activations(runs, sizes)
+    activation_table(runs, sizes, activations)
     fits = {key: fit_step_model(d.records) for key, d in sorted(data.items())}
     steps, load_samples = calibration_inputs(data, sizes, loads)
-    calib = calibrate_analytic(steps, load_samples, A100_80GB)
-    measured = measured_entries(fits, sizes, loads, calib)
+    act_samples = [(sizes[m].arch, tp, a) for (m, tp), a in sorted(activations.items())]
+    calib = calibrate_analytic(steps, load_samples, A100_80GB, activation_samples=act_samples)
+    measured = measured_entries(fits, sizes, loads, calib, activations)
     profiles = {**measured, **fallback_entries(measured, sizes, loads, calib)}
     archs = {m: s.arch for m, s in sizes.items()}
     notes = {
         "generator": "bench/fit_default_profiles.py",
-        "data": [LATENCY_FILE, SIZES_FILE, LOAD_FILE],
+        "data": [LATENCY_FILE, SIZES_FILE, LOAD_FILE, RUNS_FILE],
         "step_features": "vLLM 0.3.0 legacy convention (padded prefill, unmixed steps)",
         "twins": TWINS,
         "load_time_policy": "database unlabelled > database zxcpu5 > estimator; min of repeats",
+        "activation_bytes": "measured: profiled peak - weights (or what num_gpu_blocks implies "
+        "where another tp worker peaked higher); twins: the twin's; analytic: fitted model",
     }
     write_profiles(args.out, ProfileSet(A100_80GB, profiles, archs, calib), notes=notes)
-    print(f"{'model':48s} {'tp':>2s} {'source':40s} {'fit_mape':>8s} {'knee':>6s} {'load_s':>6s}")
+    print(f"{'model':48s} {'tp':>2s} {'source':40s} {'fit_mape':>8s} {'knee':>6s} {'load_s':>6s} "
+          f"{'act GB':>6s} {'blocks':>7s}")  # fmt: skip
     for (model, tp), p in sorted(profiles.items()):
         mape = "-" if p.fit_mape is None else f"{p.fit_mape:.3f}"
         print(f"{model:48s} {tp:2d} {p.source:40s} {mape:>8s} {p.step.knee_tokens:6.0f} "
-              f"{p.load_time_s:6.1f}")  # fmt: skip
+              f"{p.load_time_s:6.1f} {p.activation_bytes_per_gpu / 1e9:6.3f} "
+              f"{p.kv_capacity_blocks(A100_80GB.memory_bytes):7d}")  # fmt: skip
     print(f"wrote {len(profiles)} profiles to {args.out}")
 
 

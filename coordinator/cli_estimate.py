@@ -18,7 +18,7 @@ import numpy as np
 from coordinator.settings import load_settings
 from planning.estimate import ServingConfig, engine_for, estimate_serving_time
 from planning.length_dist import LengthDistribution
-from planning.profile import ProfileSet, UnknownModelError
+from planning.profile import ModelArch, ProfileSet, UnknownModelError
 
 
 class CliError(Exception):
@@ -37,6 +37,9 @@ def register(sub: Any) -> None:
     p.add_argument("--prompt-lens", type=Path, help="file: one prompt length per line or CSV")
     p.add_argument("--max-tokens", type=int, default=None, help="output cap per request")
     p.add_argument("--profiles", type=Path, help="profile file (default: shipped A100 set)")
+    p.add_argument("--config", type=Path,
+                   help="Hugging Face config.json (or its folder) for a model with no profile: "
+                        "the analytic roofline calibrated on the measured models is used")
     p.add_argument("--lengths", type=Path, help="length distribution or the authors' pmf file")
     p.add_argument("--draws", type=int, default=8, help="independent length samples")
     p.add_argument("--seed", type=int, default=0)
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> list[dict[str, Any]]:
     profiles = _load_profiles(args.profiles)
+    arch = _load_arch(args.config)
     dist = _load_lengths(args.lengths, args.model)
     prompts = _prompt_lengths(args)
     serving = ServingConfig(
@@ -78,7 +82,7 @@ def _estimate(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise CliError(f"--max-tokens must be positive, got {args.max_tokens}")
     rows = []
     for tp, dp in _parallelisms(args):
-        profile = profiles.get(args.model, tp)
+        profile = profiles.resolve(args.model, tp, arch=arch)
         try:
             engine = engine_for(profile, profiles.gpu, serving)
         except ValueError as exc:
@@ -140,6 +144,12 @@ def _load_profiles(path: Path | None) -> ProfileSet:
     from planning.io.profiles import load_default_profiles, read_profiles
 
     return load_default_profiles() if path is None else read_profiles(path)
+
+
+def _load_arch(path: Path | None) -> ModelArch | None:
+    from planning.io.profiles import read_hf_config
+
+    return None if path is None else read_hf_config(path)
 
 
 def _load_lengths(path: Path | None, model: str) -> LengthDistribution:

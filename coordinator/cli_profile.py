@@ -11,6 +11,7 @@ it knows the model at that tp (same GPU), else from ``--model-sizes`` (architect
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,10 @@ def _profile(
     arch: ModelArch | None, load_s: float | None, base: ProfileSet,
 ) -> ModelProfile:  # fmt: skip
     """Measured profile; memory from ``known`` (shipped profile) or ``arch``."""
-    if known is not None:
-        return ModelProfile(
-            model, tp, gpu, fit.model, known.load_time_s if load_s is None else load_s,
-            known.weight_bytes_per_gpu, known.kv_bytes_per_token_per_gpu,
-            known.max_model_len, "measured", fit.mape,
+    if known is not None:  # keep everything known about memory; replace the step model
+        return dataclasses.replace(
+            known, gpu=gpu, step=fit.model, source="measured", fit_mape=fit.mape,
+            load_time_s=known.load_time_s if load_s is None else load_s,
         )  # fmt: skip
     if arch is None:
         raise CliError(

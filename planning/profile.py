@@ -7,12 +7,16 @@ served at one tensor-parallel degree on one GPU type. Profiles come from measure
 :class:`~planning.cost_model.StepCostModel` whose efficiency factors (:class:`AnalyticCalib`)
 are fitted to the measured models (:func:`calibrate_analytic`).
 
-Memory follows the authors' rule (method.md §3.3): KV capacity per GPU is
-``floor((memory x utilisation - weight bytes - activation bytes) / KV bytes per block)``.
+Memory follows vLLM 0.3.0's rule (method.md §3.3 without its activations = 0 shortcut): KV
+capacity per GPU is
+``floor((memory x utilisation - weight bytes - activation bytes) / KV bytes per block)``, where
+the activation bytes are everything vLLM's start-up profiling run holds besides the weights
+(measured from the logs where there are some, else :func:`estimate_activation_bytes`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -24,6 +28,7 @@ from planning.cost_model import (
     StepRecords,
     design_matrix,
     fit_relative_nnls,
+    nnls,
 )
 
 MLP_KINDS: tuple[str, ...] = ("gated", "plain", "moe")
@@ -89,12 +94,41 @@ class ModelArch:
         """Elements per attention head."""
         return self.hidden // self.heads
 
+    def check_tp(self, tp: int, model: str = "ModelArch") -> None:
+        """Refuse a tp that vLLM refuses for this shape.
+
+        vLLM needs tp to divide the attention heads, and the KV heads to be a multiple or a
+        divisor of tp (KV heads are split, or replicated when tp > kv_heads).
+
+        Raises:
+            ValueError: naming ``model``, its heads and ``tp``.
+        """
+        if tp <= 0 or self.heads % tp:
+            raise ValueError(
+                f"{model}: tp={tp} does not divide its {self.heads} attention heads "
+                "(vLLM refuses this tensor-parallel degree)"
+            )
+        if self.kv_heads % tp and tp % self.kv_heads:
+            raise ValueError(
+                f"{model}: tp={tp} neither divides nor is a multiple of its {self.kv_heads} "
+                "KV heads (vLLM refuses this tensor-parallel degree)"
+            )
+
     def kv_heads_per_gpu(self, tp: int) -> int:
-        """KV heads held by one GPU; vLLM replicates KV heads when tp > kv_heads."""
+        """KV heads held by one GPU; vLLM replicates KV heads when tp > kv_heads.
+
+        Raises:
+            ValueError: ``tp`` is refused by :meth:`check_tp`.
+        """
+        self.check_tp(tp)
         return max(1, self.kv_heads // tp)
 
     def layer_params_per_gpu(self, tp: int, *, active: bool = False) -> float:
-        """Matmul parameters of one decoder layer on one GPU (all experts, or the active)."""
+        """Matmul parameters of one decoder layer on one GPU (all experts, or the active).
+
+        Raises:
+            ValueError: ``tp`` is refused by :meth:`check_tp`.
+        """
         attn = 2 * self.hidden * self.hidden / tp
         attn += 2 * self.hidden * self.kv_heads_per_gpu(tp) * self.head_dim
         mats = 2 if self.mlp == "plain" else 3
@@ -127,12 +161,17 @@ class ModelProfile:
     max_model_len: int  # tokens, prompt plus output
     source: str  # "measured" | "analytic" | "twin:<hf id>"
     fit_mape: float | None  # fraction; in-sample MAPE of the step fit, None if not fitted
+    # B; peak memory of vLLM's start-up profiling run beyond the weights (activations, CUDA
+    # context, NCCL buffers) on each GPU; 0 = unknown (the authors' method.md §3.3 rule)
+    activation_bytes_per_gpu: int = 0
 
     def __post_init__(self) -> None:
         if self.tp <= 0 or self.max_model_len <= 0 or self.kv_bytes_per_token_per_gpu <= 0:
             raise ValueError(f"ModelProfile {self.model!r}: tp, max_model_len, KV bytes > 0")
         if self.load_time_s < 0 or self.weight_bytes_per_gpu < 0:
             raise ValueError(f"ModelProfile {self.model!r}: negative load time or weights")
+        if self.activation_bytes_per_gpu < 0:
+            raise ValueError(f"ModelProfile {self.model!r}: negative activation_bytes_per_gpu")
         ok = self.source in ("measured", "analytic") or self.source.startswith("twin:")
         if not ok:
             raise ValueError(f"ModelProfile {self.model!r}: unknown source {self.source!r}")
@@ -142,24 +181,102 @@ class ModelProfile:
         gpu_memory_bytes: int,
         gpu_memory_utilization: float = 0.9,
         block_size: int = 16,
-        activation_bytes: int = 0,
+        activation_bytes: int | None = None,
     ) -> int:
-        """KV-cache blocks per GPU (method.md §3.3; activations are 0 there).
+        """KV-cache blocks per GPU, as vLLM 0.3.0 computes them after its profiling run.
+
+        ``activation_bytes`` (B) defaults to :attr:`activation_bytes_per_gpu`; pass 0 for the
+        authors' method.md §3.3 rule, which ignores activations.
 
         Raises:
             ValueError: when the weights and activations leave no room for one block.
         """
         if not 0 < gpu_memory_utilization <= 1 or block_size <= 0:
             raise ValueError("kv_capacity_blocks: utilisation in (0, 1], block_size > 0")
-        free = gpu_memory_bytes * gpu_memory_utilization
-        free -= self.weight_bytes_per_gpu + activation_bytes
+        act = self.activation_bytes_per_gpu if activation_bytes is None else activation_bytes
+        free = gpu_memory_bytes * gpu_memory_utilization - (self.weight_bytes_per_gpu + act)
         blocks = int(free // (self.kv_bytes_per_token_per_gpu * block_size))
         if blocks <= 0:
             raise ValueError(
-                f"{self.model} at tp={self.tp}: {self.weight_bytes_per_gpu} B of weights per "
-                f"GPU do not fit in {gpu_memory_utilization:.2f} x {gpu_memory_bytes} B"
+                f"{self.model} at tp={self.tp}: {self.weight_bytes_per_gpu} B of weights and "
+                f"{act} B of activations per GPU do not fit in "
+                f"{gpu_memory_utilization:.2f} x {gpu_memory_bytes} B"
             )
         return blocks
+
+
+# --------------------------------------------------------------------------------------------
+# Activation memory of vLLM 0.3.0's profiling run.
+# --------------------------------------------------------------------------------------------
+
+ACTIVATION_TERMS: tuple[str, ...] = (
+    "base",  # B on every GPU (CUDA context, cuBLAS workspace, allocator slack)
+    "per_extra_gpu",  # B per GPU beyond the first (NCCL communicators and buffers)
+    "per_gpu_beyond_two",  # B per GPU beyond the second (more NCCL channels; tp4 data)
+    "token_copies",  # x T x (hidden + experts_per_tok x intermediate / tp) x dtype bytes
+    "logit_copies",  # x max_num_seqs x vocab x 4 B (fp32 logits and sampler copies)
+)
+ZERO_ACTIVATION: tuple[float, ...] = (0.0,) * len(ACTIVATION_TERMS)
+# NOTE(profile): vLLM 0.3.0's profiling run: max_num_batched_tokens = max(max_model_len, 2048)
+# tokens spread over max_num_seqs = 512 sequences (the authors' setting in every log).
+PROFILE_MIN_BATCHED_TOKENS = 2048  # tokens
+PROFILE_MAX_NUM_SEQS = 512  # sequences
+
+
+def activation_features(arch: ModelArch, tp: int) -> np.ndarray:
+    """One value per :data:`ACTIVATION_TERMS` entry: B per unit of each factor."""
+    tokens = max(arch.max_model_len, PROFILE_MIN_BATCHED_TOKENS)
+    width = arch.hidden + arch.experts_per_tok * arch.intermediate / tp
+    return np.array([
+        1.0, tp - 1.0, max(0.0, tp - 2.0),
+        tokens * width * arch.dtype_bytes,
+        PROFILE_MAX_NUM_SEQS * arch.vocab * 4.0,
+    ])  # fmt: skip
+
+
+def estimate_activation_bytes(arch: ModelArch, tp: int, factors: Sequence[float]) -> int:
+    """B of activation memory per GPU: :func:`activation_features` dot ``factors``."""
+    return int(round(float(activation_features(arch, tp) @ np.asarray(factors, dtype=float))))
+
+
+def fit_activation(samples: Sequence[tuple[ModelArch, int, int]]) -> tuple[float, ...]:
+    """Non-negative least-squares factors from ``(arch, tp, measured bytes)`` triples.
+
+    Raises:
+        ValueError: with fewer samples than :data:`ACTIVATION_TERMS`.
+    """
+    if len(samples) < len(ACTIVATION_TERMS):
+        raise ValueError(f"fit_activation: need >= {len(ACTIVATION_TERMS)} samples")
+    x = np.array([activation_features(a, tp) for a, tp, _ in samples])
+    y = np.array([float(b) for _, _, b in samples])
+    scale = np.sqrt((x * x).sum(axis=0))
+    scale[scale == 0] = 1.0
+    return tuple(float(v) for v in nnls(x / scale, y) / scale)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRun:
+    """The memory lines of one vLLM 0.3.0 engine start (``a100_vllm030_profile_runs.csv``)."""
+
+    total_gpu_memory_bytes: int  # B of device memory
+    gpu_memory_utilization: float  # fraction of it vLLM may use
+    profiled_peak_memory_bytes: int  # B in use at the peak of the profiling run (driver GPU)
+    num_gpu_blocks: int  # KV blocks per GPU vLLM allocated (minimum over the tp workers)
+    kv_cache_bytes_per_block: int  # B of one KV block on one GPU
+    block_size: int  # tokens per KV block
+
+    def activation_bytes(self, weight_bytes_per_gpu: int) -> int:
+        """B beyond the weights that reproduce :attr:`num_gpu_blocks` exactly.
+
+        ``peak - weights`` where that reproduces the logged blocks. vLLM takes the minimum
+        block count over its tp workers but logs the driver's peak, so where another worker
+        peaked higher the largest activation giving the logged count is used instead.
+        """
+        free = self.total_gpu_memory_bytes * self.gpu_memory_utilization - weight_bytes_per_gpu
+        peak_based = self.profiled_peak_memory_bytes - weight_bytes_per_gpu
+        if int((free - peak_based) // self.kv_cache_bytes_per_block) == self.num_gpu_blocks:
+            return peak_based
+        return max(0, math.floor(free - self.num_gpu_blocks * self.kv_cache_bytes_per_block))
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +305,8 @@ class AnalyticCalib:
 
     ``step`` holds one non-negative factor per entry of :data:`CALIB_STEP_TERMS`: seconds for
     the ``*_s`` terms, dimensionless multipliers of a roofline time otherwise (1 / the
-    achieved fraction of peak or bandwidth).
+    achieved fraction of peak or bandwidth). ``activation`` holds one per entry of
+    :data:`ACTIVATION_TERMS` (all 0: no activation estimate).
     """
 
     step: tuple[float, ...]  # see CALIB_STEP_TERMS
@@ -196,11 +314,14 @@ class AnalyticCalib:
     load_base_s: float  # s per engine start
     load_per_extra_gpu_s: float  # s per GPU beyond the first (worker and NCCL start-up)
     load_s_per_byte: float  # s per byte of total weights (all GPUs)
+    activation: tuple[float, ...] = ZERO_ACTIVATION  # B or copies, see ACTIVATION_TERMS
 
     def __post_init__(self) -> None:
         if len(self.step) != len(CALIB_STEP_TERMS):
             raise ValueError(f"AnalyticCalib.step: expected {len(CALIB_STEP_TERMS)} factors")
-        if min(self.step) < 0 or self.knee_ridge_mult < 0:
+        if len(self.activation) != len(ACTIVATION_TERMS):
+            raise ValueError(f"AnalyticCalib.activation: expected {len(ACTIVATION_TERMS)} factors")
+        if min(self.step) < 0 or self.knee_ridge_mult < 0 or min(self.activation) < 0:
             raise ValueError("AnalyticCalib: factors must be >= 0")
 
 
@@ -242,7 +363,13 @@ def analytic_load_time(arch: ModelArch, tp: int, calib: AnalyticCalib) -> float:
 def analytic_profile(
     arch: ModelArch, tp: int, gpu: GpuSpec, calib: AnalyticCalib, *, model: str = "?"
 ) -> ModelProfile:
-    """A profile from the architecture alone (``source="analytic"``)."""
+    """A profile from the architecture alone (``source="analytic"``).
+
+    Raises:
+        ValueError: ``tp`` is refused by :meth:`ModelArch.check_tp` (the message names
+            ``model``).
+    """
+    arch.check_tp(tp, model)
     return ModelProfile(
         model=model,
         tp=tp,
@@ -254,6 +381,7 @@ def analytic_profile(
         max_model_len=arch.max_model_len,
         source="analytic",
         fit_mape=None,
+        activation_bytes_per_gpu=estimate_activation_bytes(arch, tp, calib.activation),
     )
 
 
@@ -293,12 +421,14 @@ def calibrate_analytic(
     gpu: GpuSpec,
     *,
     knee_mults: Sequence[float] = DEFAULT_KNEE_MULTS,
+    activation_samples: Sequence[tuple[ModelArch, int, int]] = (),
 ) -> AnalyticCalib:
-    """Fit :class:`AnalyticCalib` to measured steps and measured load times.
+    """Fit :class:`AnalyticCalib` to measured steps, load times and activation bytes.
 
     Step factors: one pooled non-negative fit of relative error over all samples, per knee
     multiplier, keeping the multiplier with the lowest pooled MAPE. Load time: non-negative
-    least squares of relative error on ``(arch, tp, seconds)`` triples.
+    least squares of relative error on ``(arch, tp, seconds)`` triples. Activation:
+    :func:`fit_activation` on ``(arch, tp, bytes)`` triples when given, else all zero.
 
     Raises:
         ValueError: with no step samples or fewer than 3 load samples.
@@ -320,6 +450,7 @@ def calibrate_analytic(
         load_base_s=float(lk[0]),
         load_per_extra_gpu_s=float(lk[1]),
         load_s_per_byte=float(lk[2]),
+        activation=fit_activation(activation_samples) if activation_samples else ZERO_ACTIVATION,
     )
 
 
@@ -334,16 +465,25 @@ def profile_from_fit(
     kv_bytes_per_token_per_gpu: int | None = None,
     load_time_s: float | None = None,
     calib: AnalyticCalib | None = None,
+    activation_bytes_per_gpu: int | None = None,
 ) -> ModelProfile:
     """A measured profile: fitted step model, memory logged or else from ``arch``.
 
+    Activation bytes: ``activation_bytes_per_gpu`` (B, measured), else the estimate of
+    ``calib``, else 0.
+
     Raises:
-        ValueError: no ``load_time_s`` and no ``calib`` to estimate it.
+        ValueError: no ``load_time_s`` and no ``calib`` to estimate it; ``tp`` refused by
+            :meth:`ModelArch.check_tp`.
     """
+    arch.check_tp(tp, model)
     if load_time_s is None:
         if calib is None:
             raise ValueError(f"{model} at tp={tp}: no measured load time and no calibration")
         load_time_s = analytic_load_time(arch, tp, calib)
+    act = activation_bytes_per_gpu
+    if act is None:
+        act = 0 if calib is None else estimate_activation_bytes(arch, tp, calib.activation)
     weights = weight_bytes_per_gpu
     kv = kv_bytes_per_token_per_gpu
     return ModelProfile(
@@ -359,6 +499,7 @@ def profile_from_fit(
         max_model_len=arch.max_model_len,
         source="measured",
         fit_mape=fit.mape,
+        activation_bytes_per_gpu=act,
     )
 
 
@@ -393,16 +534,22 @@ class ProfileSet:
     ) -> ModelProfile:
         """Stored profile, else ``twin``'s stored profile, else the analytic model.
 
-        A twin's profile keeps the twin's step model and load time and is relabelled
-        ``source="twin:<twin>"``; ``arch`` (or the stored architecture) supplies memory.
+        A twin's profile keeps the twin's step model, load time and activation bytes (an
+        identical config runs an identical profiling pass) and is relabelled
+        ``source="twin:<twin>"``; ``arch`` (or the stored architecture) supplies weight and
+        KV bytes.
 
         Raises:
+            ValueError: the architecture is known and vLLM would refuse ``tp`` for it
+                (:meth:`ModelArch.check_tp`; names the model, its heads and ``tp``).
             UnknownModelError: no profile, no usable twin and no architecture (or no calib).
         """
         found = self.profiles.get((model, tp))
         if found is not None:
             return found
         shape = arch if arch is not None else self.archs.get(model)
+        if shape is not None:
+            shape.check_tp(tp, model)
         if twin is not None and (twin, tp) in self.profiles:
             return _as_twin(self.profiles[(twin, tp)], model, twin, shape)
         if shape is not None and self.calib is not None:
@@ -434,4 +581,5 @@ def _as_twin(
         max_model_len=max_len,
         source=f"twin:{twin}",
         fit_mape=p.fit_mape,
+        activation_bytes_per_gpu=p.activation_bytes_per_gpu,
     )

@@ -1,4 +1,5 @@
-"""Loaders and writers for step records, model sizes, load times and profile files.
+"""Loaders and writers for step records, model sizes, load times, profile runs, Hugging Face
+configs and profile files.
 
 This is the edge of :mod:`planning`: the only place that opens files. Everything returned is a
 plain value of the pure core (:class:`~planning.cost_model.StepRecords`,
@@ -43,11 +44,14 @@ import numpy as np
 from planning.cost_model import RECORD_FIELDS, StepCostModel, StepRecords
 from planning.io.atomic import atomic_write_text
 from planning.profile import (
+    ACTIVATION_TERMS,
     CALIB_STEP_TERMS,
+    ZERO_ACTIVATION,
     AnalyticCalib,
     GpuSpec,
     ModelArch,
     ModelProfile,
+    ProfileRun,
     ProfileSet,
 )
 
@@ -406,6 +410,165 @@ def read_load_times(path: str | Path) -> dict[tuple[str, int], LoadTime]:
     return {k: v[1] for k, v in chosen.items()}
 
 
+_PROFILE_RUN_COLUMNS = (
+    "model", "tp", "num_gpu_blocks", "kv_cache_bytes_per_block", "block_size_tokens",
+    "total_gpu_memory_bytes", "profiled_peak_memory_bytes", "gpu_memory_utilization",
+)  # fmt: skip
+
+
+def read_profile_runs(path: str | Path) -> dict[tuple[str, int], ProfileRun]:
+    """``a100_vllm030_profile_runs.csv``: the memory lines of each engine start per (model, tp).
+
+    Raises:
+        ProfileError: missing file or column, a bad number, a duplicate (model, tp).
+    """
+    path = Path(path)
+    out: dict[tuple[str, int], ProfileRun] = {}
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in _PROFILE_RUN_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ProfileError(f"{path}: missing column {missing[0]!r}")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            num = {c: _number(row[c], f"{where}: column {c!r}", integer=True)
+                   for c in _PROFILE_RUN_COLUMNS[1:-1]}  # fmt: skip
+            util = _number(row["gpu_memory_utilization"], f"{where}: column "
+                           "'gpu_memory_utilization'")  # fmt: skip
+            key = (row["model"], num["tp"])
+            if key in out:
+                raise ProfileError(f"{where}: duplicate ({key[0]!r}, tp={key[1]})")
+            out[key] = ProfileRun(
+                num["total_gpu_memory_bytes"], util, num["profiled_peak_memory_bytes"],
+                num["num_gpu_blocks"], num["kv_cache_bytes_per_block"], num["block_size_tokens"],
+            )  # fmt: skip
+    if not out:
+        raise ProfileError(f"{path}: no rows")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face config.json (the analytic fallback for any model).
+# --------------------------------------------------------------------------------------------
+
+# Alternative spellings of each field across model families, first found wins.
+_HF_KEYS: dict[str, tuple[str, ...]] = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "heads": ("num_attention_heads", "n_head", "n_heads"),
+    "kv_heads": ("num_key_value_heads", "num_kv_heads"),
+    "intermediate": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    # padded_vocab_size first: it is the embedding's real size where both exist (chatglm)
+    "vocab": ("padded_vocab_size", "vocab_size"),
+    "max_model_len": ("max_position_embeddings", "seq_length", "max_sequence_length",
+                      "n_positions", "max_seq_len"),
+}  # fmt: skip
+# Families with a two-matrix (up, down) MLP, and families with a gated (gate, up, down) one.
+_HF_PLAIN_TYPES = frozenset({"gpt_neox", "gptj", "gpt2", "gpt_bigcode", "mpt", "opt", "bloom",
+                             "falcon", "phi", "starcoder2", "codegen"})  # fmt: skip
+_HF_GATED_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen", "qwen2", "baichuan", "yi",
+                             "chatglm", "internlm", "internlm2", "gemma", "gemma2"})  # fmt: skip
+_HF_GATED_ACTS = frozenset({"silu", "swiglu", "swish"})
+# NOTE(profile): vLLM's dtype "auto" serves float32 checkpoints (and configs without a
+# torch_dtype) in float16, so every accepted dtype is 2 bytes on the GPU.
+_HF_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 2}
+
+
+def read_hf_config(path: str | Path, *, max_model_len: int | None = None) -> ModelArch:
+    """The :class:`ModelArch` of a Hugging Face ``config.json`` (or a folder holding one).
+
+    Field spellings are in :data:`_HF_KEYS`; intermediate defaults to ``expansion_ratio x
+    hidden`` (MPT) else 4 x hidden, KV heads to chatglm's ``multi_query_group_num`` (with
+    ``multi_query_attention``) else the attention heads. MLP kind: ``moe`` when
+    ``num_local_experts`` > 1; else ``plain`` for two-matrix families (``model_type`` in
+    gpt_neox, gptj, gpt2, mpt, opt, bloom, falcon, ...), ``gated`` for gated families (llama,
+    mistral, mixtral, qwen, baichuan, chatglm, ...); any other type is gated when its
+    ``hidden_act`` / ``activation_function`` is silu/swiglu/swish, else plain.
+    ``max_model_len`` (tokens) overrides the config's context length.
+
+    Raises:
+        ProfileError: missing file, invalid JSON, a missing or bad key (naming the file and
+            the keys tried), or a shape :class:`ModelArch` rejects.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    with _open_text(path) as handle:
+        cfg = _json_loads(handle.read(), str(path))
+    where = str(path)
+    if not isinstance(cfg, dict):
+        raise ProfileError(f"{where}: expected a JSON object")
+    ints = {k: _hf_int(cfg, k, where) for k in ("layers", "hidden", "heads", "vocab")}
+    experts = _hf_int(cfg, "num_local_experts", where, default=1, keys=("num_local_experts",))
+    try:
+        return ModelArch(
+            **ints, kv_heads=_hf_kv_heads(cfg, ints["heads"], where),
+            intermediate=_hf_intermediate(cfg, ints["hidden"], where),
+            mlp=_hf_mlp(cfg, experts), num_experts=experts,
+            experts_per_tok=_hf_int(cfg, "num_experts_per_tok", where,
+                                    default=1 if experts == 1 else None,
+                                    keys=("num_experts_per_tok",)),
+            dtype_bytes=_hf_dtype_bytes(cfg, where),
+            max_model_len=max_model_len or _hf_int(cfg, "max_model_len", where),
+        )  # fmt: skip
+    except ProfileError:
+        raise
+    except ValueError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
+
+
+def _hf_int(
+    cfg: dict[str, Any], name: str, where: str, *, default: int | None = None,
+    keys: tuple[str, ...] | None = None,
+) -> int:  # fmt: skip
+    """The first present (non-null) key of ``keys`` (default ``_HF_KEYS[name]``) as an int."""
+    tried = _HF_KEYS[name] if keys is None else keys
+    for key in tried:
+        if cfg.get(key) is not None:
+            return int(_number(cfg[key], f"{where}: field {key!r}", integer=True))
+    if default is not None:
+        return default
+    spelled = " / ".join(repr(k) for k in tried)
+    raise ProfileError(f"{where}: missing key {spelled}")
+
+
+def _hf_kv_heads(cfg: dict[str, Any], heads: int, where: str) -> int:
+    """KV heads: explicit key, chatglm's multi-query groups, else the attention heads."""
+    if cfg.get("multi_query_attention") and cfg.get("multi_query_group_num") is not None:
+        return _hf_int(cfg, "kv", where, keys=("multi_query_group_num",))
+    return _hf_int(cfg, "kv_heads", where, default=heads)
+
+
+def _hf_intermediate(cfg: dict[str, Any], hidden: int, where: str) -> int:
+    """MLP width: explicit key, MPT's expansion_ratio x hidden, else 4 x hidden."""
+    ratio = cfg.get("expansion_ratio")
+    default = 4 * hidden
+    if ratio is not None:
+        default = int(_number(ratio, f"{where}: field 'expansion_ratio'") * hidden)
+    return _hf_int(cfg, "intermediate", where, default=default)
+
+
+def _hf_mlp(cfg: dict[str, Any], experts: int) -> str:
+    """``moe``, ``plain`` or ``gated`` by the rule of :func:`read_hf_config`."""
+    if experts > 1:
+        return "moe"
+    kind = str(cfg.get("model_type", "")).lower()
+    if kind in _HF_PLAIN_TYPES:
+        return "plain"
+    if kind in _HF_GATED_TYPES:
+        return "gated"
+    act = str(cfg.get("hidden_act", cfg.get("activation_function", ""))).lower()
+    return "gated" if act in _HF_GATED_ACTS else "plain"
+
+
+def _hf_dtype_bytes(cfg: dict[str, Any], where: str) -> int:
+    """B per element on the GPU from ``torch_dtype`` (see the NOTE on :data:`_HF_DTYPES`)."""
+    dtype = cfg.get("torch_dtype") or "float32"
+    if not isinstance(dtype, str) or dtype not in _HF_DTYPES:
+        raise ProfileError(f"{where}: field 'torch_dtype': unsupported dtype {dtype!r}")
+    return _HF_DTYPES[dtype]
+
+
 # --------------------------------------------------------------------------------------------
 # Profile files (format samullm.profiles/1).
 # --------------------------------------------------------------------------------------------
@@ -431,6 +594,7 @@ def profiles_to_json(profiles: ProfileSet, *, notes: dict[str, Any] | None = Non
         "calibration": None if calib is None else {
             "step": dict(zip(CALIB_STEP_TERMS, calib.step, strict=True)),
             "knee_ridge_mult": calib.knee_ridge_mult,
+            "activation": dict(zip(ACTIVATION_TERMS, calib.activation, strict=True)),
             **{k: getattr(calib, k) for k in _LOAD_KEYS},
         },
         "archs": {m: {k: getattr(a, k) for k in (*_ARCH_INT_KEYS, "mlp")}
@@ -451,6 +615,7 @@ def _entry_to_json(p: ModelProfile) -> dict[str, Any]:
         "load_time_s": p.load_time_s, "weight_bytes_per_gpu": p.weight_bytes_per_gpu,
         "kv_bytes_per_token_per_gpu": p.kv_bytes_per_token_per_gpu,
         "max_model_len": p.max_model_len, "source": p.source, "fit_mape": p.fit_mape,
+        "activation_bytes_per_gpu": p.activation_bytes_per_gpu,
     }  # fmt: skip
 
 
@@ -539,6 +704,9 @@ def _entry_from_json(e: Any, where: str, gpu: str) -> ModelProfile:
             load_time_s=_number(_field(e, "load_time_s", where), f"{where}.load_time_s"),
             source=_text(e, "source", where),
             fit_mape=_number(_field(e, "fit_mape", where), f"{where}.fit_mape", allow_none=True),
+            # NOTE(profile): absent in files written before the field existed: 0 B.
+            activation_bytes_per_gpu=_number(e.get("activation_bytes_per_gpu", 0),
+                                             f"{where}.activation_bytes_per_gpu", integer=True),
         )  # fmt: skip
     except ProfileError:
         raise
@@ -560,9 +728,13 @@ def _calib_from_json(c: Any, where: str) -> AnalyticCalib | None:
     if c is None:
         return None
     step = _field(c, "step", where)
+    act = c.get("activation")  # absent in older files: no activation estimate
     return AnalyticCalib(
         step=tuple(_number(_field(step, t, f"{where}.step"), f"{where}.step.{t}")
                    for t in CALIB_STEP_TERMS),
         knee_ridge_mult=_number(_field(c, "knee_ridge_mult", where), f"{where}.knee_ridge_mult"),
         **{k: _number(_field(c, k, where), f"{where}.{k}") for k in _LOAD_KEYS},
+        activation=ZERO_ACTIVATION if act is None else tuple(
+            _number(_field(act, t, f"{where}.activation"), f"{where}.activation.{t}")
+            for t in ACTIVATION_TERMS),
     )  # fmt: skip

@@ -76,3 +76,30 @@ def test_automatic_tps_skip_what_does_not_fit(capsys) -> None:
     assert "skipping tp=1" in out.err
     tps = [r["tp"] for r in json.loads(out.out)["estimates"]]
     assert 1 not in tps and tps == sorted(tps) and tps
+
+
+def test_unknown_model_from_its_hf_config(tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    from planning.io.lengths import save_distribution
+    from planning.length_dist import LengthDistribution
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+        "num_hidden_layers": 26, "hidden_size": 3200, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "intermediate_size": 8640, "vocab_size": 32000,
+        "torch_dtype": "float16", "max_position_embeddings": 2048,
+    }))
+    lengths = tmp_path / "lengths.json"
+    save_distribution(lengths, LengthDistribution.from_pmf(np.full(300, 1 / 300)))
+    base = ["estimate", "--model", "me/llama-3b", "--tp", "1,2", "--requests", "100",
+            "--draws", "2", "--lengths", str(lengths), "--json"]
+    assert main(base) == 2  # no profile and no config: a clear error naming the model
+    assert "me/llama-3b" in capsys.readouterr().err
+    assert main([*base, "--config", str(config)]) == 0
+    rows = json.loads(capsys.readouterr().out)["estimates"]
+    assert [r["profile"] for r in rows] == ["analytic", "analytic"]
+    assert all(r["p50_s"] > 0 for r in rows)
+    assert main([*base[:-1], "--config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err

@@ -25,10 +25,13 @@ from planning.profile import (
     CalibrationSample,
     ModelArch,
     ModelProfile,
+    ProfileRun,
     ProfileSet,
     UnknownModelError,
     analytic_profile,
     calibrate_analytic,
+    estimate_activation_bytes,
+    fit_activation,
 )
 
 TRUE = StepCostModel(
@@ -238,3 +241,77 @@ def test_profile_set_resolution() -> None:
     assert isinstance(info.value, KeyError) and "nobody/none" in str(info.value)
     with pytest.raises(UnknownModelError, match="stored tps: tp1"):
         ProfileSet(A100_80GB, {("m", 1): measured}).get("m", 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation memory and tp divisibility.
+# --------------------------------------------------------------------------------------------
+
+# lmsys/vicuna-13b-v1.5 tp1 in a100_vllm030_profile_runs.csv: vLLM logged 3,727 blocks.
+VICUNA_RUN = ProfileRun(84_986_691_584, 0.9, 27_626_504_192, 3727, 13_107_200, 16)
+
+
+def test_kv_capacity_uses_profile_activation() -> None:
+    act = VICUNA_RUN.activation_bytes(26_031_728_640)
+    assert act == 27_626_504_192 - 26_031_728_640  # profiled peak - weights
+    p = ModelProfile(
+        model="m", tp=1, gpu=A100_80GB.name, step=TRUE, load_time_s=14.0,
+        weight_bytes_per_gpu=26_031_728_640, kv_bytes_per_token_per_gpu=819_200,
+        max_model_len=4096, source="measured", fit_mape=0.05, activation_bytes_per_gpu=act,
+    )  # fmt: skip
+    assert p.kv_capacity_blocks(A100_80GB.memory_bytes, 0.9) == 3727  # vLLM's number
+    assert p.kv_capacity_blocks(A100_80GB.memory_bytes, activation_bytes=0) == 3849
+    with pytest.raises(ValueError, match="activation"):
+        make_profile(weights=75_000_000_000).kv_capacity_blocks(
+            A100_80GB.memory_bytes, activation_bytes=2_000_000_000
+        )
+    with pytest.raises(ValueError, match="negative activation"):
+        ModelProfile("m", 1, A100_80GB.name, TRUE, 1.0, 1, 1, 16, "measured", None, -1)
+
+
+def test_profile_run_activation_when_another_worker_peaked_higher() -> None:
+    # NousResearch/Llama-2-13b-hf tp4: the driver's peak implies 20,354 blocks, vLLM kept
+    # 20,027 (the minimum over its 4 workers); the activation must reproduce 20,027.
+    run = ProfileRun(84_986_691_584, 0.9, 9_790_226_432, 20_027, 3_276_800, 16)
+    act = run.activation_bytes(6_508_554_240)
+    assert act > 9_790_226_432 - 6_508_554_240
+    free = 84_986_691_584 * 0.9 - 6_508_554_240 - act
+    assert int(free // 3_276_800) == 20_027
+
+
+def test_activation_model_fit_and_analytic_estimate() -> None:
+    truth = (6e8, 5e8, 3e8, 3.0, 8.0)
+    archs = [LLAMA13B, ModelArch(32, 4096, 32, 32, 11008, 64000, "gated", 1, 1, 2, 2048),
+             ModelArch(44, 6144, 64, 64, 24576, 50432, "plain", 1, 1, 2, 8192)]  # fmt: skip
+    samples = [(a, tp, estimate_activation_bytes(a, tp, truth)) for a in archs for tp in (1, 2, 4)]
+    fitted = fit_activation(samples)
+    for a, tp, b in samples:
+        assert estimate_activation_bytes(a, tp, fitted) == pytest.approx(b, rel=1e-6)
+    calib = AnalyticCalib(CALIB.step, 0.5, 5.0, 12.0, 3.4e-10, activation=fitted)
+    p = analytic_profile(LLAMA13B, 2, A100_80GB, calib)
+    assert p.activation_bytes_per_gpu == pytest.approx(samples[1][2], rel=1e-6)
+    assert analytic_profile(LLAMA13B, 2, A100_80GB, CALIB).activation_bytes_per_gpu == 0
+    with pytest.raises(ValueError, match="activation"):
+        AnalyticCalib(CALIB.step, 0.5, 5.0, 12.0, 3.4e-10, activation=(1.0,))
+    with pytest.raises(ValueError, match="need"):
+        fit_activation(samples[:2])
+
+
+def test_tp_must_divide_attention_heads() -> None:
+    with pytest.raises(ValueError, match=r"lmsys/vicuna-13b-v1.5: tp=3 .* 40 attention heads"):
+        analytic_profile(LLAMA13B, 3, A100_80GB, CALIB, model="lmsys/vicuna-13b-v1.5")
+    with pytest.raises(ValueError, match="tp=3 does not divide its 40 attention heads"):
+        LLAMA13B.kv_heads_per_gpu(3)
+    with pytest.raises(ValueError, match="tp=3"):
+        LLAMA13B.weight_bytes_per_gpu(3)
+    gqa = ModelArch(80, 8192, 64, 8, 28672, 32000, "gated", 1, 1, 2, 4096)
+    assert gqa.kv_heads_per_gpu(16) == 1  # 16 is a multiple of 8 KV heads: replicated
+    with pytest.raises(ValueError, match="12 KV heads"):
+        ModelArch(4, 768, 48, 12, 3072, 1000, "gated", 1, 1, 2, 512).check_tp(8, "x")
+    ps = ProfileSet(A100_80GB, {}, {"lmsys/vicuna-13b-v1.5": LLAMA13B}, CALIB)
+    with pytest.raises(ValueError, match="vicuna-13b-v1.5: tp=3") as info:
+        ps.resolve("lmsys/vicuna-13b-v1.5", 3)
+    assert not isinstance(info.value, UnknownModelError)
+    with pytest.raises(ValueError, match="tp=3"):
+        ps.resolve("new", 3, arch=LLAMA13B)
+    assert ps.resolve("lmsys/vicuna-13b-v1.5", 4).tp == 4

@@ -16,8 +16,10 @@ from planning.io.profiles import (
     FORMAT_TAG,
     ProfileError,
     load_default_profiles,
+    read_hf_config,
     read_load_times,
     read_model_sizes,
+    read_profile_runs,
     read_profiles,
     read_step_records,
     read_vllm030_latency,
@@ -326,3 +328,153 @@ def test_cli_fit_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     args = parser.parse_args(["fit-profile", str(unknown), "--out", str(tmp_path / "x.json")])
     assert args.func(args) == 2
     assert "nobody/model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Activation bytes in profile files, profile runs, Hugging Face configs.
+# --------------------------------------------------------------------------------------------
+
+
+def test_profile_file_keeps_activation_and_reads_old_files(tmp_path: Path) -> None:
+    ps = make_set()
+    p = ps.profiles[(VICUNA, 2)]
+    calib = AnalyticCalib(CALIB.step, 0.5, 5.0, 12.0, 3.4e-10, (6e8, 5e8, 3e8, 3.0, 8.0))
+    with_act = ModelProfile(p.model, p.tp, p.gpu, p.step, p.load_time_s, p.weight_bytes_per_gpu,
+                            p.kv_bytes_per_token_per_gpu, p.max_model_len, p.source, p.fit_mape,
+                            1_922_455_552)  # fmt: skip
+    path = tmp_path / "p.json"
+    write_profiles(path, ProfileSet(ps.gpu, {(VICUNA, 2): with_act}, ps.archs, calib))
+    back = read_profiles(path)
+    assert back.get(VICUNA, 2) == with_act and back.calib == calib
+    doc = json.loads(path.read_text())
+    del doc["entries"][0]["activation_bytes_per_gpu"]
+    del doc["calibration"]["activation"]
+    path.write_text(json.dumps(doc))  # a file written before the field existed
+    old = read_profiles(path)
+    assert old.get(VICUNA, 2).activation_bytes_per_gpu == 0
+    assert old.calib is not None and old.calib.activation == (0.0,) * 5
+    doc["entries"][0]["activation_bytes_per_gpu"] = -1
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"p\.json: entries\[0\]\.activation_bytes_per_gpu"):
+        read_profiles(path)
+
+
+def test_read_profile_runs_errors(tmp_path: Path) -> None:
+    path = tmp_path / "runs.csv"
+    path.write_text("model,tp,num_gpu_blocks\nm,1,5\n")
+    with pytest.raises(ProfileError, match="runs.csv: missing column 'kv_cache_bytes_per_block'"):
+        read_profile_runs(path)
+    cols = ("model,tp,num_gpu_blocks,kv_cache_bytes_per_block,block_size_tokens,"
+            "total_gpu_memory_bytes,profiled_peak_memory_bytes,gpu_memory_utilization")  # fmt: skip
+    path.write_text(f"{cols}\nm,1,5,100,16,1000,500,0.9\nm,2,x,100,16,1000,500,0.9\n")
+    with pytest.raises(ProfileError, match=r"runs.csv:3: column 'num_gpu_blocks'"):
+        read_profile_runs(path)
+
+
+VICUNA_HF = {
+    "_name_or_path": "vicuna-13b-v1.5", "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 5120,
+    "initializer_range": 0.02, "intermediate_size": 13824, "max_position_embeddings": 4096,
+    "model_type": "llama", "num_attention_heads": 40, "num_hidden_layers": 40,
+    "num_key_value_heads": 40, "pad_token_id": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "transformers_version": "4.31.0", "use_cache": True, "vocab_size": 32000,
+}  # fmt: skip
+NEOX_HF = {
+    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0,
+    "hidden_act": "gelu", "hidden_size": 6144, "initializer_range": 0.02,
+    "intermediate_size": 24576, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+    "model_type": "gpt_neox", "num_attention_heads": 64, "num_hidden_layers": 44,
+    "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+    "torch_dtype": "float16", "use_cache": True, "use_parallel_residual": True,
+    "vocab_size": 50432,
+}  # fmt: skip
+NEOX_ARCH = ModelArch(44, 6144, 64, 64, 24576, 50432, "plain", 1, 1, 2, 2048)
+
+
+def _hf(tmp_path: Path, cfg: dict[str, object], name: str = "config.json") -> Path:
+    folder = tmp_path / name.removesuffix(".json")
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_read_hf_config_llama_and_neox(tmp_path: Path) -> None:
+    vicuna = _hf(tmp_path, VICUNA_HF, "vicuna")
+    assert read_hf_config(vicuna) == ARCH  # a folder holding config.json
+    assert read_hf_config(vicuna / "config.json") == ARCH
+    assert read_hf_config(vicuna, max_model_len=2048).max_model_len == 2048
+    assert read_hf_config(_hf(tmp_path, NEOX_HF, "neox")) == NEOX_ARCH
+    gptj = {"model_type": "gptj", "n_layer": 28, "n_embd": 4096, "n_head": 16,
+            "n_inner": None, "n_positions": 2048, "vocab_size": 50400,
+            "activation_function": "gelu_new"}  # fmt: skip
+    assert read_hf_config(_hf(tmp_path, gptj, "gptj")) == ModelArch(
+        28, 4096, 16, 16, 16384, 50400, "plain", 1, 1, 2, 2048)  # fmt: skip
+    glm = {"model_type": "chatglm", "num_layers": 28, "hidden_size": 4096,
+           "num_attention_heads": 32, "multi_query_attention": True, "multi_query_group_num": 2,
+           "ffn_hidden_size": 13696, "padded_vocab_size": 65024, "seq_length": 8192,
+           "torch_dtype": "float16"}  # fmt: skip
+    assert read_hf_config(_hf(tmp_path, glm, "glm")) == ModelArch(
+        28, 4096, 32, 2, 13696, 65024, "gated", 1, 1, 2, 8192)  # fmt: skip
+    mixtral = {**VICUNA_HF, "model_type": "mixtral", "num_hidden_layers": 32, "hidden_size": 4096,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+               "num_local_experts": 8, "num_experts_per_tok": 2, "torch_dtype": "bfloat16",
+               "max_position_embeddings": 32768}  # fmt: skip
+    moe = read_hf_config(_hf(tmp_path, mixtral, "mixtral"))
+    assert (moe.mlp, moe.num_experts, moe.experts_per_tok, moe.kv_heads) == ("moe", 8, 2, 8)
+    other = {**NEOX_HF, "model_type": "newfamily", "hidden_act": "silu"}
+    assert read_hf_config(_hf(tmp_path, other, "other")).mlp == "gated"
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"num_hidden_layers": None}, "missing key 'num_hidden_layers' / 'n_layer'"),
+        ({"max_position_embeddings": None}, "missing key 'max_position_embeddings'"),
+        ({"torch_dtype": "int8"}, "field 'torch_dtype'"),
+        ({"hidden_size": -5}, "field 'hidden_size'"),
+        ({"num_attention_heads": 7}, "hidden % heads"),
+        ({"num_local_experts": 8}, "missing key 'num_experts_per_tok'"),
+    ],
+)
+def test_read_hf_config_errors_name_file_and_key(
+    tmp_path: Path, edit: dict[str, object], match: str
+) -> None:
+    folder = _hf(tmp_path, {**VICUNA_HF, **edit})
+    with pytest.raises(ProfileError, match=match) as info:
+        read_hf_config(folder)
+    assert str(folder / "config.json") in str(info.value)
+
+
+def test_hf_config_resolves_analytic_profile(tmp_path: Path) -> None:
+    arch = read_hf_config(_hf(tmp_path, VICUNA_HF))
+    ps = load_default_profiles()
+    p = ps.resolve("my/vicuna-finetune", 2, arch=arch)
+    assert p.source == "analytic" and p.activation_bytes_per_gpu > 0
+    assert p.kv_capacity_blocks(ps.gpu.memory_bytes) < p.kv_capacity_blocks(
+        ps.gpu.memory_bytes, activation_bytes=0
+    )
+    with pytest.raises(ValueError, match="my/vicuna-finetune: tp=3 .* 40 attention heads"):
+        ps.resolve("my/vicuna-finetune", 3, arch=arch)
+    with pytest.raises(ValueError, match="tp=3"):
+        ps.get(VICUNA, 3)
+
+
+def test_shared_hf_configs_match_model_sizes(tmp_path: Path, shared: Path) -> None:
+    sizes = read_model_sizes(shared / "model_sizes.json", default_max_model_len=4096)
+    assert read_hf_config(_hf(tmp_path, VICUNA_HF, "v")) == sizes[VICUNA].arch
+    assert read_hf_config(_hf(tmp_path, NEOX_HF, "n")) == sizes["EleutherAI/gpt-neox-20b"].arch
+
+
+def test_shipped_kv_blocks_reproduce_vllm_logs(shared: Path) -> None:
+    """With its activation bytes, every measured profile gives vLLM's logged block count."""
+    runs = read_profile_runs(shared / "a100_vllm030_profile_runs.csv")
+    ps = load_default_profiles()
+    assert len(runs) == 47
+    for (model, tp), run in runs.items():
+        p = ps.get(model, tp)
+        assert p.source == "measured" and p.activation_bytes_per_gpu > 0
+        got = p.kv_capacity_blocks(run.total_gpu_memory_bytes, run.gpu_memory_utilization)
+        assert got == run.num_gpu_blocks, (model, tp)
+    assert ps.get(VICUNA, 1).kv_capacity_blocks(ps.gpu.memory_bytes) == 3727
+    assert ps.get("mistralai/Mixtral-8x7B-v0.1", 2).kv_capacity_blocks(ps.gpu.memory_bytes) == 23019
