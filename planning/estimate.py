@@ -38,6 +38,9 @@ def engine_for(profile: ModelProfile, gpu: GpuSpec, serving: ServingConfig) -> E
     blocks = profile.kv_capacity_blocks(
         gpu.memory_bytes, serving.gpu_memory_utilization, serving.block_size
     )
+    if serving.mode == "v1":
+        blocks -= 1  # NOTE(estimate): vLLM V1's block pool reserves one null block
+
     max_len = profile.max_model_len
     if serving.max_model_len is not None:
         max_len = min(max_len, serving.max_model_len)

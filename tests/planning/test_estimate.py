@@ -26,10 +26,11 @@ def _profile(weights: int = 10 * 2**30, load: float = 12.0) -> ModelProfile:
 def test_engine_limits_follow_memory_and_mode() -> None:
     eng = engine_for(_profile(), GPU, ServingConfig())
     expected = int((0.9 * GPU.memory_bytes - 10 * 2**30) // (400_000 * 16))
-    assert eng.num_kv_blocks == expected
+    assert eng.num_kv_blocks == expected - 1  # V1 keeps one null block
     assert eng.max_model_len == 2048 and eng.max_num_batched_tokens == 8192
     legacy = engine_for(_profile(), GPU, ServingConfig(mode="legacy030", max_model_len=1024))
     assert legacy.max_model_len == 1024 and legacy.max_num_batched_tokens == 2048
+    assert legacy.num_kv_blocks == expected
     with pytest.raises(ValueError, match="do not fit"):
         engine_for(_profile(weights=39 * 2**30), GPU, ServingConfig())
 
