@@ -259,19 +259,27 @@ def nnls(a: np.ndarray, b: np.ndarray, *, max_iter: int | None = None) -> np.nda
 def _nnls_inner(
     a: np.ndarray, b: np.ndarray, x: np.ndarray, passive: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lawson-Hanson inner loop: least squares on ``passive``, kept feasible."""
-    while True:
+    """Lawson-Hanson inner loop: least squares on ``passive``, kept feasible.
+
+    Each pass drops at least one coordinate from ``passive`` (the one whose ratio sets the
+    step is zeroed exactly: in floating point it can stay at a subnormal value while the step
+    rounds to 0, and the loop would never end), so it stops within ``x.size`` passes.
+    """
+    for _ in range(x.size + 1):
         z = np.zeros_like(x)
         z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
         bad = passive & (z <= 0)
         if not bad.any():
             return z, passive
-        alpha = float(np.min(x[bad] / (x[bad] - z[bad])))
+        ratios = x[bad] / (x[bad] - z[bad])
+        alpha = float(np.min(ratios))
         x = x + alpha * (z - x)
+        x[np.flatnonzero(bad)[ratios <= alpha]] = 0.0
         passive = passive & (x > 0)
         x[~passive] = 0.0
         if not passive.any():
             return x, passive
+    return x, passive
 
 
 def fit_relative_nnls(

@@ -315,3 +315,16 @@ def test_tp_must_divide_attention_heads() -> None:
     with pytest.raises(ValueError, match="tp=3"):
         ps.resolve("new", 3, arch=LLAMA13B)
     assert ps.resolve("lmsys/vicuna-13b-v1.5", 4).tp == 4
+
+
+def test_nnls_inner_terminates_when_the_step_underflows() -> None:
+    # x[1] is subnormal and z[1] very negative: the step alpha rounds to 0, which used to spin
+    # forever; the blocking coordinate must leave the passive set.
+    from planning.cost_model import _nnls_inner
+
+    a = np.eye(2)
+    b = np.array([1.0, -10.0])
+    x = np.array([1.0, 5e-324])
+    z, passive = _nnls_inner(a, b, x, np.array([True, True]))
+    assert list(passive) == [True, False]
+    np.testing.assert_allclose(z, [1.0, 0.0])
