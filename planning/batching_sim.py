@@ -131,11 +131,13 @@ class SimResult:
     _segments: list[_Segment] = field(repr=False)
     _phases: list[list[_Phase]] = field(repr=False)
     _generated0: list[int] = field(repr=False)
+    _starts: list[float] = field(default_factory=list, repr=False)  # s; segment start times
 
     def steps_done_at(self, t: float) -> tuple[int, int]:
         """(steps, decode steps) completed by time ``t`` (seconds)."""
-        starts = [seg[2] for seg in self._segments]
-        i = bisect_right(starts, t) - 1
+        if len(self._starts) != len(self._segments):  # built on the first query
+            self._starts = [seg[2] for seg in self._segments]
+        i = bisect_right(self._starts, t) - 1
         if i < 0:
             return 0, 0
         step0, steps, t0, first, growth, ds0, dstep = self._segments[i]

@@ -17,7 +17,6 @@ Every bad input raises :class:`LengthDataError` naming the file, the field and t
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import logging
 import re
@@ -27,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from planning.io.atomic import atomic_write_text
+from planning.io.files import atomic_write_text, open_text
 from planning.length_dist import LengthDistribution, LengthFormatError, LengthObservations
 
 logger = logging.getLogger(__name__)
@@ -265,9 +264,7 @@ def load_distribution(path: str | Path) -> LengthDistribution:
 # ------------------------------------------------------------------ small helpers
 def _open_text(path: str | Path) -> IO[str]:
     try:
-        if str(path).lower().endswith(".gz"):
-            return gzip.open(path, "rt", encoding="utf-8", newline="")
-        return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - caller closes
+        return open_text(path)
     except OSError as exc:
         raise LengthDataError(path, f"cannot open: {exc.strerror}") from exc
 

@@ -30,10 +30,9 @@ group id is returned so callers can split train/test by pair.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from planning.cost_model import RECORD_FIELDS, StepCostModel, StepRecords
-from planning.io.atomic import atomic_write_text
+from planning.io.files import atomic_write_text, open_text
 from planning.profile import (
     ACTIVATION_TERMS,
     CALIB_STEP_TERMS,
@@ -81,9 +80,16 @@ class ProfileError(ValueError):
 def _open_text(path: Path) -> Any:
     if not path.is_file():
         raise ProfileError(f"{path}: no such file")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return path.open("r", encoding="utf-8", newline="")
+    return open_text(path)
+
+
+def _csv_reader(handle: Any, path: Path, required: Sequence[str]) -> csv.DictReader[str]:
+    """A CSV reader over ``handle`` whose header has every ``required`` column."""
+    reader = csv.DictReader(handle)
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ProfileError(f"{path}: missing column {missing[0]!r}")
+    return reader
 
 
 def _number(value: Any, where: str, *, integer: bool = False, allow_none: bool = False) -> Any:
@@ -132,10 +138,7 @@ def _canonical_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     name = path.name.removesuffix(".gz")
     with _open_text(path) as handle:
         if name.endswith(".csv"):
-            reader = csv.DictReader(handle)
-            missing = [c for c in CANONICAL_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ProfileError(f"{path}: missing column {missing[0]!r}")
+            reader = _csv_reader(handle, path, CANONICAL_COLUMNS)
             for row in reader:
                 yield reader.line_num, row
         elif name.endswith(".jsonl"):
@@ -231,10 +234,7 @@ def read_vllm030_latency(
     path = Path(path)
     found: dict[tuple[str, int], dict[tuple[str, str, int], list[tuple[list[float], bool]]]] = {}
     with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in _VLLM030_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ProfileError(f"{path}: missing column {missing[0]!r}")
+        reader = _csv_reader(handle, path, _VLLM030_COLUMNS)
         for row in reader:
             if row["source_block"] in _VLLM030_DROPPED:
                 continue
@@ -425,10 +425,7 @@ def read_profile_runs(path: str | Path) -> dict[tuple[str, int], ProfileRun]:
     path = Path(path)
     out: dict[tuple[str, int], ProfileRun] = {}
     with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in _PROFILE_RUN_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ProfileError(f"{path}: missing column {missing[0]!r}")
+        reader = _csv_reader(handle, path, _PROFILE_RUN_COLUMNS)
         for row in reader:
             where = f"{path}:{reader.line_num}"
             num = {c: _number(row[c], f"{where}: column {c!r}", integer=True)

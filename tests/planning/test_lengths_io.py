@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planning.io import atomic
+from planning.io import files
 from planning.io.lengths import (
     LengthDataError,
     load_authors_pdfs,
@@ -220,7 +220,7 @@ def test_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Monk
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(atomic.os, "fsync", boom)  # fails after the temp file is written
+    monkeypatch.setattr(files.os, "fsync", boom)  # fails after the temp file is written
     with pytest.raises(OSError, match="disk full"):
         save_distribution(path, LengthDistribution.from_pmf([1.0]))
     assert path.read_text() == before

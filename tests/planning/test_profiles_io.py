@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from planning.cost_model import StepCostModel, StepRecords
-from planning.io import atomic
+from planning.io import files
 from planning.io.profiles import (
     FORMAT_TAG,
     ProfileError,
@@ -134,7 +134,7 @@ def test_atomic_write_keeps_old_file_on_error(
     def fail(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(atomic.os, "replace", fail)
+    monkeypatch.setattr(files.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_profiles(path, ProfileSet(A100_80GB, {}))
     assert path.read_bytes() == before

@@ -1,10 +1,23 @@
-"""Atomic text writes: a temporary file in the target's folder, fsync, then rename."""
+"""File primitives of the planning edge: gzip-aware text reading and atomic text writes."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 from pathlib import Path
+from typing import IO
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """Open ``path`` for reading as UTF-8 text, through gzip when it ends in ``.gz``.
+
+    Raises:
+        OSError: the file cannot be opened (callers wrap it in their own error type).
+    """
+    if str(path).lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")  # noqa: SIM115 - the caller closes it
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
