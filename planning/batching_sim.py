@@ -10,7 +10,10 @@ One :class:`ReplicaSim` is one engine replica. It reproduces the V1 scheduler's 
 - waiting requests (FCFS by arrival) are admitted only when nothing was preempted in the step,
   while fewer than ``max_num_seqs`` run and budget remains, a long prompt being split into
   chunks (chunked prefill);
-- a request whose known tokens are all computed samples one new token in that step.
+- a request whose known tokens are all computed samples one new token in that step;
+- a request with ``after`` set arrives only when the request it waits on has finished (at the
+  end of that step, or at its own ``arrival_s`` if later) and joins the waiting queue in FCFS
+  order of that arrival, so it is schedulable from the next step on.
 
 ``mode="legacy030"`` replays vLLM 0.3.0 instead: a step is either prefill-only (a padded batch of
 new prompts limited by padded tokens, ``max_num_seqs`` and a 1% free-block watermark) or
@@ -29,7 +32,7 @@ import math
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -80,6 +83,10 @@ class SimRequest:
     output_len: int  # tokens the request will generate (its true or sampled length)
     arrival_s: float = 0.0  # seconds; when it reaches the engine
     generated: int = 0  # tokens already generated elsewhere (continued after a preemption)
+    # Index (in the same request sequence) of a request that must finish first: this one then
+    # arrives at max(arrival_s, that request's finish time); -1 = none. Used for vertically
+    # fused chains (the same model continuing a document after its previous chunk).
+    after: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,8 +330,15 @@ class ReplicaSim:
         self.epoch = [0] * n
         self.finish = [math.nan] * n
         self.phases: list[list[_Phase]] = [[] for _ in range(n)]
-        order = sorted(range(n), key=lambda i: (self.arrival[i], i))
-        self.pending = deque(order)
+        self.kids = _dependants(requests)  # request -> requests waiting for it to finish
+        if self.kids:
+            order = sorted(
+                (i for i in range(n) if requests[i].after < 0), key=lambda i: (self.arrival[i], i)
+            )
+        else:
+            order = sorted(range(n), key=lambda i: (self.arrival[i], i))
+        self.pending = deque(order)  # requests not arrived yet, by (arrival, index)
+        self.released: list[tuple[float, int]] = []  # heap of (arrival, request) of dependants
         self.waiting: deque[int] = deque()
         self.running: dict[int, None] = {}  # admission order
         self.prefilling: list[int] = []  # running, not in the decode set, admission order
@@ -345,9 +359,9 @@ class ReplicaSim:
         while True:
             self._take_arrivals()
             if not self.running and not self.waiting:
-                if not self.pending:
+                if not self.pending and not self.released:
                     break
-                self.t = max(self.t, self.arrival[self.pending[0]])
+                self.t = max(self.t, self._next_arrival())
                 continue
             k = self._bulk_len()
             if k > 0:
@@ -371,8 +385,36 @@ class ReplicaSim:
         )
 
     def _take_arrivals(self) -> None:
+        if self.released:
+            self._take_arrivals_merged()
+            return
         while self.pending and self.arrival[self.pending[0]] <= self.t:
             self.waiting.append(self.pending.popleft())
+
+    def _take_arrivals_merged(self) -> None:
+        """Arrivals from both the sorted roots and the released dependants, by (arrival, index)."""
+        pending, released, arrival, t = self.pending, self.released, self.arrival, self.t
+        while True:
+            a = pending[0] if pending and arrival[pending[0]] <= t else -1
+            if released and released[0][0] <= t and (a < 0 or released[0] < (arrival[a], a)):
+                self.waiting.append(heapq.heappop(released)[1])
+            elif a >= 0:
+                self.waiting.append(pending.popleft())
+            else:
+                return
+
+    def _next_arrival(self) -> float:
+        """Arrival time (seconds) of the next request not yet arrived; inf when none is known."""
+        when = self.arrival[self.pending[0]] if self.pending else math.inf
+        if self.released and self.released[0][0] < when:
+            when = self.released[0][0]
+        return when
+
+    def _release(self, r: int) -> None:
+        """r has just finished (clock ``self.t``): the requests waiting for it arrive."""
+        for c in self.kids[r]:
+            a = self.arrival[c] = max(self.t, self.arrival[c])
+            heapq.heappush(self.released, (a, c))
 
     def _known(self, r: int) -> int:
         return self.prompt[r] + self.gen[r]
@@ -390,8 +432,8 @@ class ReplicaSim:
         k = dec.heap[0][0] - self.ds + 1  # through the next finish step
         if dec.blocks(self.ds + k) > self.cfg.num_kv_blocks:
             k = min(k, dec.steps_within(self.ds, self.cfg.num_kv_blocks))
-        if k > 0 and self.pending and len(self.running) < self.cfg.max_num_seqs:
-            k = min(k, self._steps_until(self.arrival[self.pending[0]], k))
+        if k > 0 and (self.pending or self.released) and len(self.running) < self.cfg.max_num_seqs:
+            k = min(k, self._steps_until(self._next_arrival(), k))
         return k
 
     def _run_segment(self, k: int) -> _Segment:
@@ -442,8 +484,8 @@ class ReplicaSim:
         k = dec.heap[0][0] - self.ds + 1
         if dec.blocks(self.ds + k) > self.cfg.num_kv_blocks:
             k = min(k, dec.steps_within(self.ds, self.cfg.num_kv_blocks))
-        if k > 1 and self.pending and len(self.running) < self.cfg.max_num_seqs:
-            k = min(k, self._steps_until(self.arrival[self.pending[0]], k))
+        if k > 1 and (self.pending or self.released) and len(self.running) < self.cfg.max_num_seqs:
+            k = min(k, self._steps_until(self._next_arrival(), k))
         return k
 
     def _bulk(self, k: int, preempted: int) -> None:
@@ -664,6 +706,8 @@ class ReplicaSim:
                 self.finish[r] = self.t
                 self._finished_blocks += _cdiv(after, bs)
                 del self.running[r]
+                if r in self.kids:
+                    self._release(r)
                 continue
             self.in_dec[r] = True
             d = self.dval[r] = after - self.ds  # its first decode step is at clock self.ds
@@ -672,7 +716,7 @@ class ReplicaSim:
             heapq.heappush(self.dec.heap, (self.ds + target[r] - g - 1, r, self.epoch[r]))
 
     def _pop_finished(self) -> None:
-        dec, last = self.dec, self.ds - 1
+        dec, last, kids = self.dec, self.ds - 1, self.kids
         while dec.heap and dec.heap[0][0] <= last:
             _, r, ep = heapq.heappop(dec.heap)
             if ep != self.epoch[r]:
@@ -682,6 +726,41 @@ class ReplicaSim:
             self.gen[r] = self.target[r]
             self.finish[r] = self.t
             del self.running[r]
+            if kids and r in kids:
+                self._release(r)
+
+
+def _dependants(requests: Sequence[SimRequest]) -> dict[int, list[int]]:
+    """Requests waiting on each request (``after``), validated: in range and acyclic."""
+    n = len(requests)
+    after = [r.after for r in requests]
+    kids: dict[int, list[int]] = {}
+    for i, a in enumerate(after):
+        if a == -1:
+            continue
+        if a == i:
+            raise ValueError(f"request {i}: after={a} refers to the request itself")
+        if not 0 <= a < n:
+            raise ValueError(
+                f"request {i}: after={a} must be -1 or the index of another request (0..{n - 1})"
+            )
+        kids.setdefault(a, []).append(i)
+    if not kids:
+        return kids
+    state = [0] * n  # 0 unvisited, 1 on the path being followed, 2 known to reach a root
+    for i in range(n):
+        path = []
+        j = i
+        while j != -1 and state[j] == 0:
+            state[j] = 1
+            path.append(j)
+            j = after[j]
+        if j != -1 and state[j] == 1:
+            cycle = " -> ".join(str(k) for k in [*path[path.index(j) :], j])
+            raise ValueError(f"request {j}: its after chain forms a cycle ({cycle})")
+        for j in path:
+            state[j] = 2
+    return kids
 
 
 def _targets(requests: Sequence[SimRequest], engine: EngineConfig) -> list[int]:
@@ -724,7 +803,6 @@ def simulate(
     return ReplicaSim(requests, engine, cost, record_steps=record_steps, bulk=bulk).run()
 
 
-
 DpPolicy = Literal["round_robin", "balanced"]
 
 
@@ -754,23 +832,56 @@ def assign_replicas(
 
     ``round_robin`` deals requests sorted by (arrival, index) in turn, as SamuLLM does;
     ``balanced`` gives each request (same order) to the replica with the fewest tokens so far.
+
+    A request with ``after`` must run on the replica of the request it waits on, so each chain
+    (a request without ``after`` and every request waiting on it, transitively) is dealt as
+    one unit in its first request's (arrival, index) order and weighs its summed tokens in
+    ``balanced``; each replica's indices are then listed in ascending order, so that ties
+    between simultaneous arrivals break as they would in one replica.
     """
     if dp <= 0:
         raise ValueError("dp must be positive")
+    if policy not in ("round_robin", "balanced"):
+        raise ValueError(f"unknown dp policy {policy!r}")
+    if any(r.after != -1 for r in requests):
+        return _assign_chains(requests, dp, policy)
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     out: list[list[int]] = [[] for _ in range(dp)]
     if policy == "round_robin":
         for k, i in enumerate(order):
             out[k % dp].append(i)
         return out
-    if policy != "balanced":
-        raise ValueError(f"unknown dp policy {policy!r}")
     heap = [(0, d) for d in range(dp)]
     for i in order:
         load, d = heapq.heappop(heap)
         out[d].append(i)
         r = requests[i]
         heapq.heappush(heap, (load + r.prompt_len + r.output_len, d))
+    return out
+
+
+def _assign_chains(requests: Sequence[SimRequest], dp: int, policy: DpPolicy) -> list[list[int]]:
+    """:func:`assign_replicas` when some requests wait for others: whole chains per replica."""
+    kids = _dependants(requests)  # validates (in range, acyclic)
+    roots = sorted(
+        (i for i, r in enumerate(requests) if r.after == -1),
+        key=lambda i: (requests[i].arrival_s, i),
+    )
+    out: list[list[int]] = [[] for _ in range(dp)]
+    heap = [(0, d) for d in range(dp)]
+    for k, root in enumerate(roots):
+        members = [root]
+        for i in members:  # grows while iterated: the whole tree below root
+            members.extend(kids.get(i, ()))
+        if policy == "round_robin":
+            out[k % dp].extend(members)
+            continue
+        load, d = heapq.heappop(heap)
+        out[d].extend(members)
+        tokens = sum(requests[i].prompt_len + requests[i].output_len for i in members)
+        heapq.heappush(heap, (load + tokens, d))
+    for part in out:
+        part.sort()
     return out
 
 
@@ -788,9 +899,25 @@ def simulate_dp(
     finish = np.zeros(len(requests), dtype=np.float64)
     results = []
     for idx in assignment:
-        res = simulate([requests[i] for i in idx], engine, cost, record_steps=record_steps)
+        res = simulate(_localize(requests, idx), engine, cost, record_steps=record_steps)
         if idx:
             finish[np.asarray(idx)] = res.finish_s
         results.append(res)
     total = max((r.total_s for r in results), default=0.0)
     return DpResult(total_s=total, finish_s=finish, replicas=results, assignment=assignment)
+
+
+def _localize(requests: Sequence[SimRequest], idx: list[int]) -> list[SimRequest]:
+    """The requests ``idx`` of one replica, their ``after`` remapped to positions in ``idx``."""
+    sub = [requests[i] for i in idx]
+    if all(r.after == -1 for r in sub):
+        return sub
+    pos = {g: k for k, g in enumerate(idx)}
+    out = []
+    for g, r in zip(idx, sub, strict=True):
+        if r.after != -1:
+            if r.after not in pos:
+                raise ValueError(f"request {g}: waits on request {r.after}, on another replica")
+            r = replace(r, after=pos[r.after])
+        out.append(r)
+    return out

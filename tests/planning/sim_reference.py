@@ -41,7 +41,10 @@ class _Req:
 
 def run_reference(reqs: list[SimRequest], cfg: EngineConfig, cost: StepCostModel) -> RefOutcome:
     rs = [_Req(r, min(r.output_len, cfg.max_model_len - r.prompt_len)) for r in reqs]
-    pending = deque(sorted(range(len(rs)), key=lambda i: (rs[i].arrival, i)))
+    # A request with ``after`` is submitted when that request finishes (or at its own arrival).
+    pending = deque(
+        sorted((i for i in range(len(rs)) if reqs[i].after < 0), key=lambda i: (rs[i].arrival, i))
+    )
     waiting: deque[int] = deque()
     running: list[int] = []
     out = RefOutcome([math.nan] * len(rs), 0, 0, 0, 0)
@@ -60,6 +63,7 @@ def run_reference(reqs: list[SimRequest], cfg: EngineConfig, cost: StepCostModel
         out.num_steps += 1
         out.clock.append(t)
         out.max_blocks = max(out.max_blocks, _blocks_after(rs, cfg, running, sched))
+        released = False
         for i, n in sched:
             r = rs[i]
             r.comp += n
@@ -70,6 +74,13 @@ def run_reference(reqs: list[SimRequest], cfg: EngineConfig, cost: StepCostModel
                 if r.gen >= r.target:
                     out.finish_s[i] = t
                     running.remove(i)
+                    for c, q in enumerate(reqs):
+                        if q.after == i:
+                            rs[c].arrival = max(t, rs[c].arrival)
+                            pending.append(c)
+                            released = True
+        if released:
+            pending = deque(sorted(pending, key=lambda i: (rs[i].arrival, i)))
     return out
 
 
