@@ -214,7 +214,7 @@ def candidate_exec_plans(
     plans: list[ExecPlan] = []
     tp = 1
     while tp <= limit:
-        if _fits(model, tp, profiles, serving):
+        if fits_in_memory(model, tp, profiles, serving):
             groups = tp_group_count(cluster, tp, gpu=gpu.name)
             if max_gpus is not None:
                 groups = min(groups, max_gpus // tp)
@@ -223,8 +223,12 @@ def candidate_exec_plans(
     return sorted(plans, key=lambda p: (p.tp, p.dp))
 
 
-def _fits(model: str, tp: int, profiles: ProfileSet, serving: ServingConfig) -> bool:
-    """vLLM accepts ``tp`` and one full-length request's KV fits next to the weights."""
+def fits_in_memory(model: str, tp: int, profiles: ProfileSet, serving: ServingConfig) -> bool:
+    """Whether vLLM accepts ``tp`` and one full-length request's KV fits next to the weights.
+
+    The profile is ``profiles.resolve(model, tp)``; full length is its ``max_model_len``
+    capped by ``serving``. False (never an error) when the model is unknown or refused.
+    """
     try:
         profile = profiles.resolve(model, tp)
         engine = engine_for(profile, profiles.gpu, serving)

@@ -1,0 +1,985 @@
+"""Application files (YAML or JSON) -> :class:`planning.graph.AppGraph`, plus rejected requests.
+
+An application file lists models, datasets and nodes (LLM calls); the format and every rule are
+in ``docs/app-spec.md``. :func:`load_app` validates the file with pydantic, resolves every model's
+profile per tensor-parallel degree on the cluster, reads the datasets, expands chain nodes
+into one call per chunk, drops requests whose prompt cannot fit the model's context (and the
+requests that depend on them) and returns a :class:`LoadedApp`.
+
+Every error is a :class:`~apps.cluster_spec.SpecError` whose message starts with the file and
+names the field path, e.g. ``ensemble.yaml: nodes[2].model: unknown model 'x' (not in models)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import heapq
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import IO, Annotated, Any, NoReturn
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from apps.cluster_spec import SpecError, _loc, _read
+from apps.tokens import estimate_tokens
+from planning.cluster import Cluster, fits_in_memory
+from planning.estimate import ServingConfig, engine_for
+from planning.graph import AppGraph, Dep, LlmCall, ModelInfo
+from planning.io.files import open_text
+from planning.io.lengths import LengthDataError, load_distribution
+from planning.io.profiles import ProfileError, read_hf_config
+from planning.length_dist import LengthDistribution
+from planning.profile import (
+    ModelArch,
+    ModelProfile,
+    ProfileSet,
+    UnknownModelError,
+    analytic_profile,
+)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+_INT_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
+_FORMATS = (".csv", ".jsonl", ".json")
+DEFAULT_SERVING = ServingConfig()  # vLLM's defaults
+GIB = 2**30  # B per GiB
+
+
+# --------------------------------------------------------------------------------------------
+# Results.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Sampling settings of one call (only ``max_tokens`` reaches the planner)."""
+
+    max_tokens: int  # tokens, output cap per request
+    temperature: float = 1.0  # >= 0
+    top_p: float = 1.0  # in (0, 1]
+    ignore_eos: bool = False  # keep generating past EOS until max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A request dropped at load time, with the reason."""
+
+    node: str  # call name (a node name, or "<chain>.<k>" for a chain's chunk call)
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LoadedApp:
+    """A loaded application file."""
+
+    graph: AppGraph  # calls in topological order; models = ModelInfo per used model
+    rejected: tuple[Rejection, ...]  # requests dropped at load time, in call order
+    sampling: Mapping[str, Sampling]  # call name -> sampling settings
+    notes: Mapping[str, str]  # model id -> how its profile and lengths were chosen
+    profiles: ProfileSet  # exactly the kept (model, tp) profiles; no archs, no analytic fallback
+    description: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# File schema.
+# --------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SamplingSpec(_Strict):
+    """``sampling:`` of a node or of ``defaults``; unset fields come from the defaults."""
+
+    max_tokens: int | None = Field(default=None, ge=1)  # tokens
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    ignore_eos: bool | None = None
+
+
+class DefaultsSpec(_Strict):
+    """``defaults:``."""
+
+    sampling: SamplingSpec | None = None
+
+
+class ModelSpec(_Strict):
+    """One entry of ``models:``."""
+
+    id: str = Field(min_length=1)  # HF id, or a local model folder holding config.json
+    profile: str = "auto"  # auto | measured | analytic | twin:<HF id>
+    lengths: str = Field(default="authors", min_length=1)  # authors | like:<model> | <path>
+    tp: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1)  # GPUs
+    max_model_len: int | None = Field(default=None, ge=1)  # tokens
+    config: str | None = Field(default=None, min_length=1)  # HF config.json, relative to the file
+
+    @field_validator("profile")
+    @classmethod
+    def _known_choice(cls, v: str) -> str:
+        if v in ("auto", "measured", "analytic") or (v.startswith("twin:") and len(v) > 5):
+            return v
+        raise ValueError(
+            f"unknown profile choice {v!r} (use auto, measured, analytic or twin:<HF id>)"
+        )
+
+    @field_validator("tp")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"tp lists a degree twice: {v}")
+        return v
+
+
+class DatasetSpec(_Strict):
+    """One entry of ``datasets:``."""
+
+    path: str = Field(min_length=1)  # relative to the application file
+
+
+class _Source(_Strict):
+    """Fields shared by ``input:`` and ``chain:``."""
+
+    where: dict[str, Any] | None = None  # column -> value, compared as text
+    template_tokens: int = Field(default=0, ge=0)  # tokens added to every prompt
+    template: str | None = None  # its estimated tokens are added to template_tokens
+
+    @field_validator("where")
+    @classmethod
+    def _scalars(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for col, value in (v or {}).items():
+            if not isinstance(value, str | int | float | bool):
+                raise ValueError(f"{col!r}: expected a string, number or boolean")
+        return v
+
+
+class InputSpec(_Source):
+    """``input:`` of a node."""
+
+    dataset: str | None = None
+    nodes: list[str] | None = Field(default=None, min_length=1)  # upstream node names
+    repeat: int = Field(default=1, ge=1)  # requests per id
+
+    @model_validator(mode="after")
+    def _has_source(self) -> InputSpec:
+        if self.dataset is None and self.nodes is None:
+            raise ValueError("input needs a dataset or nodes")
+        if self.dataset is None and self.where is not None:
+            raise ValueError("where filters a dataset; give dataset too")
+        if self.nodes is not None and len(set(self.nodes)) != len(self.nodes):
+            raise ValueError(f"nodes lists a node twice: {self.nodes}")
+        return self
+
+
+class ChainSpec(_Source):
+    """``chain:`` of a node: documents split into chunks, summarised in sequence."""
+
+    dataset: str
+    chunk_tokens: int = Field(ge=1)  # tokens per chunk
+
+
+class NodeSpec(_Strict):
+    """One entry of ``nodes:``."""
+
+    name: str
+    model: str
+    input: InputSpec | None = None
+    chain: ChainSpec | None = None
+    sampling: SamplingSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not _NAME_RE.fullmatch(v):
+            raise ValueError(f"node name {v!r}: use letters, digits, '_' and '-' only")
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> NodeSpec:
+        if (self.input is None) == (self.chain is None):
+            raise ValueError("give exactly one of input or chain")
+        return self
+
+
+class AppSpec(_Strict):
+    """An application file."""
+
+    name: str | None = Field(default=None, min_length=1)
+    description: str | None = None
+    defaults: DefaultsSpec | None = None
+    models: list[ModelSpec] = Field(min_length=1)
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+    nodes: list[NodeSpec] = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Ctx:
+    """What every step needs: the file label, its folder and the planning inputs."""
+
+    where: str  # file label at the start of every error
+    base_dir: Path  # relative paths in the file are relative to this
+    cluster: Cluster
+    profiles: ProfileSet
+    authors_pdfs: Mapping[str, LengthDistribution]
+    serving: ServingConfig
+
+
+def load_app(
+    path: str | Path,
+    *,
+    cluster: Cluster,
+    profiles: ProfileSet,
+    authors_pdfs: Mapping[str, LengthDistribution],
+    serving: ServingConfig = DEFAULT_SERVING,
+) -> LoadedApp:
+    """Read and validate an application file (``.json`` as JSON, anything else as YAML).
+
+    Raises:
+        SpecError: the message starts with the file and names the field path.
+    """
+    p = Path(path)
+    return parse_app(
+        _read(p), str(p), p.parent,
+        cluster=cluster, profiles=profiles, authors_pdfs=authors_pdfs, serving=serving,
+    )  # fmt: skip
+
+
+def parse_app(
+    doc: Any,
+    where: str,
+    base_dir: str | Path,
+    *,
+    cluster: Cluster,
+    profiles: ProfileSet,
+    authors_pdfs: Mapping[str, LengthDistribution],
+    serving: ServingConfig = DEFAULT_SERVING,
+) -> LoadedApp:
+    """Validate a parsed application document; ``where`` names the file in errors (its stem
+    is the default app name) and relative paths are taken from ``base_dir``.
+
+    Raises:
+        SpecError: the message starts with ``where`` and names the field path.
+    """
+    ctx = _Ctx(where, Path(base_dir), cluster, profiles, authors_pdfs, serving)
+    spec = _validate(doc, where)
+    _check_refs(spec, where)
+    order = _topo_order(spec, where)
+    used = {n.model for n in spec.nodes}
+    limit = _tp_limit(ctx)
+    infos = {
+        m.id: _resolve_model(i, m, limit, ctx) for i, m in enumerate(spec.models) if m.id in used
+    }
+    datasets = {name: _load_dataset(name, d, ctx) for name, d in spec.datasets.items()}
+    drafts = _expand_all(spec, order, datasets, ctx)
+    samplings = [_sampling(i, n, spec, where) for i, n in enumerate(spec.nodes)]
+    calls, rejected = _assemble(drafts, spec, infos, samplings, ctx)
+    return _result(spec, calls, rejected, infos, samplings, drafts, ctx)
+
+
+def _validate(doc: Any, where: str) -> AppSpec:
+    if not isinstance(doc, dict):
+        raise SpecError(f"{where}: expected a mapping with 'models' and 'nodes' at the top level")
+    try:
+        return AppSpec.model_validate(doc)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            msgs.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
+        raise SpecError("; ".join(msgs)) from None
+
+
+def _result(
+    spec: AppSpec,
+    calls: list[LlmCall],
+    rejected: list[Rejection],
+    infos: dict[str, ModelInfo],
+    samplings: list[Sampling],
+    drafts: list[_Draft],
+    ctx: _Ctx,
+) -> LoadedApp:
+    node_of = {d.name: d.node for d in drafts}
+    kept = {(m, tp): p for m, info in infos.items() for tp, p in info.profiles.items()}
+    try:
+        graph = AppGraph(tuple(calls), infos, spec.name or Path(ctx.where).stem)
+    except ValueError as e:  # checked above; kept so no raw error escapes
+        raise SpecError(f"{ctx.where}: {e}") from None
+    return LoadedApp(
+        graph=graph,
+        rejected=tuple(rejected),
+        sampling={c.name: samplings[node_of[c.name]] for c in calls},
+        notes={m: info.source_note for m, info in infos.items()},
+        profiles=ProfileSet(ctx.profiles.gpu, kept),
+        description=spec.description or "",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Names, references and order.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_refs(spec: AppSpec, where: str) -> None:
+    """Duplicate names; nodes naming unknown models, datasets or nodes."""
+    _no_duplicates([m.id for m in spec.models], "models", "id", "model", where)
+    _no_duplicates([n.name for n in spec.nodes], "nodes", "name", "node name", where)
+    models = {m.id for m in spec.models}
+    names = [n.name for n in spec.nodes]
+    for i, node in enumerate(spec.nodes):
+        at = f"{where}: nodes[{i}]"
+        if node.model not in models:
+            raise SpecError(f"{at}.model: unknown model {node.model!r} (not in models)")
+        kind, src = ("input", node.input) if node.input is not None else ("chain", node.chain)
+        assert src is not None  # NodeSpec checks that exactly one is given
+        if src.dataset is not None and src.dataset not in spec.datasets:
+            known = ", ".join(sorted(spec.datasets)) or "none"
+            raise SpecError(
+                f"{at}.{kind}.dataset: unknown dataset {src.dataset!r} (datasets: {known})"
+            )
+        for j, up in enumerate(getattr(src, "nodes", None) or ()):
+            if up not in names:
+                raise SpecError(
+                    f"{at}.input.nodes[{j}]: unknown node {up!r} (nodes: {', '.join(names)})"
+                )
+
+
+def _no_duplicates(values: list[str], section: str, key: str, what: str, where: str) -> None:
+    seen: dict[str, int] = {}
+    for i, v in enumerate(values):
+        if v in seen:
+            raise SpecError(
+                f"{where}: {section}[{i}].{key}: duplicate {what} {v!r} (also {section}[{seen[v]}])"
+            )
+        seen[v] = i
+
+
+def _upstream(node: NodeSpec) -> list[str]:
+    return list(node.input.nodes or ()) if node.input is not None else []
+
+
+def _topo_order(spec: AppSpec, where: str) -> list[int]:
+    """Node indices, each after its upstream nodes; file order where that leaves a choice."""
+    index = {n.name: i for i, n in enumerate(spec.nodes)}
+    ups = [{index[u] for u in _upstream(n)} for n in spec.nodes]
+    waiting = [len(u) for u in ups]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j, u in enumerate(ups):
+            if i in u:
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    heapq.heappush(ready, j)
+    if len(order) < len(spec.nodes):
+        cycle = _find_cycle(ups, set(range(len(ups))) - set(order))
+        path = " -> ".join(spec.nodes[i].name for i in cycle)
+        raise SpecError(
+            f"{where}: nodes[{cycle[0]}].input.nodes: dependency cycle: {path} "
+            "(a -> b: a takes input from b)"
+        )
+    return order
+
+
+def _find_cycle(ups: list[set[int]], left: set[int]) -> list[int]:
+    """A cycle among ``left`` (every node there has an upstream node there), closed."""
+    path = [min(left)]
+    while True:
+        nxt = min(u for u in ups[path[-1]] if u in left)
+        if nxt in path:
+            return [*path[path.index(nxt) :], nxt]
+        path.append(nxt)
+
+
+# --------------------------------------------------------------------------------------------
+# Models: profiles per tensor-parallel degree, lengths.
+# --------------------------------------------------------------------------------------------
+
+
+def _tp_limit(ctx: _Ctx) -> int:
+    """The largest tp the cluster offers on the profile set's GPU type."""
+    gpu = ctx.profiles.gpu.name
+    nodes = [n for n in ctx.cluster.nodes if n.gpu == gpu]
+    if not nodes:
+        have = ", ".join(sorted({n.gpu for n in ctx.cluster.nodes}))
+        raise SpecError(
+            f"{ctx.where}: models: the cluster has no {gpu} GPUs (the profiles are for {gpu}; "
+            f"cluster: {have})"
+        )
+    return min(max(n.max_island for n in nodes), max(n.num_gpus for n in nodes))
+
+
+def _resolve_model(i: int, m: ModelSpec, limit: int, ctx: _Ctx) -> ModelInfo:
+    """ModelInfo of ``models[i]``: a profile per usable tp, and its lengths."""
+    at = f"{ctx.where}: models[{i}]"
+    arch = _arch_for(m, at, ctx)
+    _check_choice(m, arch, at, ctx)
+    kept: dict[int, ModelProfile] = {}
+    skipped: list[str] = []
+    for tp in _tps(m, limit, at, ctx):
+        prof, why = _usable_at(m, tp, arch, at, ctx)
+        if prof is not None:
+            kept[tp] = prof
+        elif m.tp is not None:
+            raise SpecError(f"{at}.tp: {m.id}: {why}")
+        else:
+            skipped.append(why)
+    if not kept:
+        raise SpecError(
+            f"{at}: model {m.id!r} fits at no tensor-parallel degree on this cluster "
+            f"({'; '.join(skipped)})"
+        )
+    lengths, lengths_note = _lengths_for(m, at, ctx)
+    note = _note(m, kept, skipped, lengths_note)
+    return ModelInfo(m.id, lengths, kept, note)
+
+
+def _arch_for(m: ModelSpec, at: str, ctx: _Ctx) -> ModelArch | None:
+    """``config:``, else a local model folder's config.json, else the profile set's arch."""
+    config = ctx.base_dir / m.config if m.config is not None else None
+    local = ctx.base_dir / m.id
+    if config is None and local.is_dir() and (local / "config.json").is_file():
+        config = local
+    if config is None:
+        return ctx.profiles.archs.get(m.id)
+    try:
+        return read_hf_config(config)
+    except ProfileError as e:
+        field = "config" if m.config is not None else "id"
+        raise SpecError(f"{at}.{field}: {e}") from None
+
+
+def _check_choice(m: ModelSpec, arch: ModelArch | None, at: str, ctx: _Ctx) -> None:
+    """The ``profile:`` choice can work for this model at some tp."""
+    ps = ctx.profiles
+    if m.profile == "auto" and arch is None and m.id not in ps.models():
+        raise SpecError(
+            f"{at}.id: model {m.id!r}: no profile and no architecture (give config: <path to its "
+            "config.json>, or a local model folder as id)"
+        )
+    if m.profile == "measured" and not _measured_tps(ps, m.id):
+        stored = _stored(ps, m.id) or "none"
+        raise SpecError(
+            f"{at}.profile: measured: no measured profile of {m.id!r} is stored (stored: {stored})"
+        )
+    if m.profile == "analytic" and arch is None:
+        raise SpecError(
+            f"{at}.profile: analytic: no architecture for {m.id!r} (give config: <path to its "
+            "config.json>)"
+        )
+    if m.profile == "analytic" and ps.calib is None:
+        raise SpecError(f"{at}.profile: analytic: the profile set has no analytic calibration")
+    if m.profile.startswith("twin:"):
+        _check_twin(m, m.profile.removeprefix("twin:"), arch, at, ctx)
+
+
+def _check_twin(m: ModelSpec, twin: str, arch: ModelArch | None, at: str, ctx: _Ctx) -> None:
+    ps = ctx.profiles
+    if twin == m.id:
+        raise SpecError(f"{at}.profile: {m.id!r} cannot be its own twin")
+    if not _measured_tps(ps, twin):
+        measured = sorted({mod for (mod, _), p in ps.profiles.items() if p.source == "measured"})
+        close = difflib.get_close_matches(twin, measured, n=3)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise SpecError(f"{at}.profile: twin {twin!r} has no stored measured profile{hint}")
+    other = ps.archs.get(twin)
+    if arch is not None and other is not None:
+        diff = [
+            f"{f.name} {getattr(arch, f.name)} vs {getattr(other, f.name)}"
+            for f in fields(ModelArch)
+            if f.name != "max_model_len" and getattr(arch, f.name) != getattr(other, f.name)
+        ]
+        if diff:
+            raise SpecError(
+                f"{at}.profile: twin {twin!r} has a different architecture ({', '.join(diff)})"
+            )
+
+
+def _measured_tps(ps: ProfileSet, model: str) -> list[int]:
+    return sorted(t for (m, t), p in ps.profiles.items() if m == model and p.source == "measured")
+
+
+def _stored(ps: ProfileSet, model: str) -> str:
+    """``"measured tp1,tp2, analytic tp4"``: the stored profiles of ``model`` by source."""
+    by_source: dict[str, list[int]] = {}
+    for (m, t), p in sorted(ps.profiles.items()):
+        if m == model:
+            by_source.setdefault(p.source, []).append(t)
+    return ", ".join(f"{s} " + ",".join(f"tp{t}" for t in ts) for s, ts in by_source.items())
+
+
+def _tps(m: ModelSpec, limit: int, at: str, ctx: _Ctx) -> list[int]:
+    """Candidate tps: the listed ones (checked), else every power of two up to ``limit``."""
+    if m.tp is None:
+        return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
+    gpu = ctx.profiles.gpu.name
+    for tp in m.tp:
+        if tp & (tp - 1):
+            raise SpecError(
+                f"{at}.tp: tp={tp} is not a power of two (the planner uses 1, 2, 4, ...)"
+            )
+        if tp > limit:
+            raise SpecError(
+                f"{at}.tp: tp={tp} exceeds the largest NVLink island of the cluster's {gpu} nodes "
+                f"({limit} GPUs)"
+            )
+    return sorted(m.tp)
+
+
+def _profile_at(
+    m: ModelSpec, tp: int, arch: ModelArch | None, ctx: _Ctx
+) -> tuple[ModelProfile | None, str]:
+    """The profile ``profile:`` asks for at ``tp``, or None and why there is none (the reason
+    starts with ``tp=N``)."""
+    ps = ctx.profiles
+    if arch is not None:
+        try:
+            arch.check_tp(tp, m.id)
+        except ValueError as e:
+            return None, str(e).removeprefix(f"{m.id}: ")
+    if m.profile == "measured":
+        p = ps.profiles.get((m.id, tp))
+        if p is None or p.source != "measured":
+            return None, f"tp={tp}: no measured profile is stored"
+        return p, ""
+    if m.profile == "analytic":
+        assert arch is not None and ps.calib is not None  # _check_choice
+        return analytic_profile(arch, tp, ps.gpu, ps.calib, model=m.id), ""
+    if m.profile.startswith("twin:"):
+        twin = m.profile.removeprefix("twin:")
+        if (twin, tp) not in ps.profiles:
+            return None, f"tp={tp}: twin {twin!r} has no stored profile at this tp"
+        others = {k: p for k, p in ps.profiles.items() if k[0] != m.id}
+        return replace(ps, profiles=others).resolve(m.id, tp, arch, twin), ""
+    try:
+        return ps.resolve(m.id, tp, arch), ""
+    except (ValueError, UnknownModelError) as e:
+        return None, f"tp={tp}: {e}"
+
+
+def _usable_at(
+    m: ModelSpec, tp: int, arch: ModelArch | None, at: str, ctx: _Ctx
+) -> tuple[ModelProfile | None, str]:
+    """The profile at ``tp`` with the model's overrides if it fits in memory, else why not."""
+    prof, why = _profile_at(m, tp, arch, ctx)
+    if prof is None:
+        return None, why
+    prof = _capped(prof, m, at)
+    why = _why_no_fit(prof, ctx)
+    return (None, why) if why else (prof, "")
+
+
+def _capped(prof: ModelProfile, m: ModelSpec, at: str) -> ModelProfile:
+    """``prof`` with the model's ``max_model_len`` override, which may only lower the limit."""
+    if m.max_model_len is None:
+        return prof
+    if m.max_model_len > prof.max_model_len:
+        raise SpecError(
+            f"{at}.max_model_len: {m.max_model_len} exceeds the model's own limit of "
+            f"{prof.max_model_len} tokens"
+        )
+    return replace(prof, max_model_len=m.max_model_len)
+
+
+def _why_no_fit(prof: ModelProfile, ctx: _Ctx) -> str:
+    """Empty when ``prof`` fits in memory on the profile set's GPU, else why not."""
+    one = ProfileSet(ctx.profiles.gpu, {(prof.model, prof.tp): prof})
+    if fits_in_memory(prof.model, prof.tp, one, ctx.serving):
+        return ""
+    gpu, util = ctx.profiles.gpu, ctx.serving.gpu_memory_utilization
+    head = f"tp={prof.tp}: does not fit in memory: {prof.weight_bytes_per_gpu / GIB:.1f} GiB of "
+    try:
+        engine = engine_for(prof, gpu, ctx.serving)
+    except ValueError:
+        return (
+            f"{head}weights and {prof.activation_bytes_per_gpu / GIB:.1f} GiB of activations "
+            f"per GPU exceed {util:.2f} x {gpu.memory_bytes / GIB:.1f} GiB of {gpu.name}"
+        )
+    room = max(0, engine.num_kv_blocks) * engine.block_size
+    return (
+        f"{head}weights per GPU leave KV room for {room} tokens, less than one full-length "
+        f"request ({engine.max_model_len} tokens)"
+    )
+
+
+def _lengths_for(m: ModelSpec, at: str, ctx: _Ctx) -> tuple[LengthDistribution, str]:
+    """The output-length distribution ``lengths:`` names, and a note on where it came from."""
+    src = m.lengths
+    if src != "authors" and not src.startswith("like:"):
+        path = ctx.base_dir / src
+        if not path.is_file():
+            raise SpecError(
+                f"{at}.lengths: unknown length source {src!r}: not 'authors', 'like:<model>' or "
+                f"an existing distribution file ({path})"
+            )
+        try:
+            return load_distribution(path), f"file {src}"
+        except LengthDataError as e:
+            raise SpecError(f"{at}.lengths: {e}") from None
+    key = m.id if src == "authors" else src.removeprefix("like:")
+    if key in ctx.authors_pdfs:
+        return ctx.authors_pdfs[key], "authors pdf" if src == "authors" else src
+    skipped = getattr(ctx.authors_pdfs, "skipped", {}).get(key)
+    close = difflib.get_close_matches(key, list(ctx.authors_pdfs), n=3)
+    hint = f": {skipped}" if skipped else (f" (close: {', '.join(close)})" if close else "")
+    raise SpecError(
+        f"{at}.lengths: {src}: no authors' output-length pdf for {key!r}{hint}; use "
+        "like:<model> or a distribution file"
+    )
+
+
+def _note(m: ModelSpec, kept: dict[int, ModelProfile], skipped: list[str], lengths: str) -> str:
+    """``"profile: measured tp1,tp2; lengths: authors pdf"`` plus overrides and skipped tps."""
+    by_source: dict[str, list[int]] = {}
+    for tp, p in sorted(kept.items()):
+        by_source.setdefault(p.source, []).append(tp)
+    parts = [
+        "profile: " + ", ".join(f"{s} " + ",".join(f"tp{t}" for t in ts) for s, ts in
+                                by_source.items()),
+        f"lengths: {lengths}",
+    ]  # fmt: skip
+    if m.max_model_len is not None:
+        parts.append(f"max_model_len: {m.max_model_len}")
+    parts += [f"skipped {why}" for why in skipped]  # each starts with tp=N
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets.
+# --------------------------------------------------------------------------------------------
+
+
+class _DataError(ValueError):
+    """A bad dataset row; the message names the data file, the line and the column."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    id: str
+    tokens: int  # prompt tokens
+    fields: Mapping[str, str]  # every column as text, for ``where``
+
+
+@dataclass(frozen=True, slots=True)
+class _Dataset:
+    name: str
+    path: Path
+    rows: tuple[_Row, ...]
+    columns: frozenset[str]
+
+
+def _load_dataset(name: str, spec: DatasetSpec, ctx: _Ctx) -> _Dataset:
+    at = f"{ctx.where}: datasets.{name}"
+    path = ctx.base_dir / spec.path
+    if not path.is_file():
+        raise SpecError(f"{at}.path: file not found: {path}")
+    kind = Path(path.name.lower().removesuffix(".gz")).suffix
+    if kind not in _FORMATS:
+        raise SpecError(f"{at}.path: {path}: unknown format (use .csv, .jsonl or .json; .gz ok)")
+    try:
+        with open_text(path) as fh:
+            rows, columns = _rows(_raw_rows(fh, path, kind))
+    except _DataError as e:
+        raise SpecError(f"{at}: {e}") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SpecError(f"{at}: {path}: cannot read: {e}") from None
+    if not rows:
+        raise SpecError(f"{at}: {path}: no rows")
+    return _Dataset(name, path, rows, columns)
+
+
+def _raw_rows(fh: IO[str], path: Path, kind: str) -> Iterator[tuple[str, Any]]:
+    """``(label, row)`` per row; the label is ``file:line`` (JSON lists: ``file: [i]``)."""
+    if kind == ".csv":
+        reader = csv.DictReader(fh)
+        if reader.fieldnames and not {"prompt_tokens", "prompt"} & set(reader.fieldnames):
+            raise _DataError(f"{path}:1: needs a 'prompt_tokens' or 'prompt' column")
+        start = 2
+        for row in reader:
+            yield f"{path}:{start}", {k: v for k, v in row.items() if k is not None}
+            start = reader.line_num + 1
+    elif kind == ".jsonl":
+        for line, text in enumerate(fh, start=1):
+            if text.strip():
+                yield f"{path}:{line}", _json(text, f"{path}:{line}")
+    else:
+        doc = _json(fh.read(), str(path))
+        if not isinstance(doc, list):
+            raise _DataError(f"{path}: expected a JSON list of objects")
+        yield from ((f"{path}: [{i}]", row) for i, row in enumerate(doc))
+
+
+def _json(text: str, label: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _DataError(f"{label}: invalid JSON: {e.msg}") from None
+
+
+def _rows(raw: Iterator[tuple[str, Any]]) -> tuple[tuple[_Row, ...], frozenset[str]]:
+    """Checked rows (unique ids, positive token counts) and every column seen."""
+    rows: list[_Row] = []
+    seen: dict[str, str] = {}
+    columns: set[str] = set()
+    for n, (label, row) in enumerate(raw):
+        if not isinstance(row, dict):
+            raise _DataError(f"{label}: expected an object, got {type(row).__name__}")
+        rid = _row_id(row.get("id"), n, label)
+        if rid in seen:
+            raise _DataError(f"{label}: column 'id': duplicate id {rid!r} (also {seen[rid]})")
+        seen[rid] = label
+        columns.update(row)
+        fields_ = {str(k): _as_text(v) for k, v in row.items()}
+        rows.append(_Row(rid, _prompt_tokens(row, label), fields_))
+    return tuple(rows), frozenset(columns)
+
+
+def _row_id(value: Any, n: int, label: str) -> str:
+    if value is None or value == "":
+        return str(n)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _DataError(f"{label}: column 'id': expected a string, got {value!r}")
+    return str(value)
+
+
+def _prompt_tokens(row: dict[str, Any], label: str) -> int:
+    """``prompt_tokens`` (int >= 1), else the estimated tokens of ``prompt``."""
+    value = row.get("prompt_tokens")
+    if value is not None and value != "":
+        number: Any = None
+        if isinstance(value, str) and _INT_RE.fullmatch(value):
+            number = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if number is None or number < 1:
+            raise _DataError(
+                f"{label}: column 'prompt_tokens': expected an integer >= 1, got {value!r}"
+            )
+        return int(number)
+    text = row.get("prompt")
+    if text is None or text == "":
+        raise _DataError(f"{label}: needs column 'prompt_tokens' or 'prompt'")
+    if not isinstance(text, str):
+        raise _DataError(f"{label}: column 'prompt': expected text, got {type(text).__name__}")
+    return estimate_tokens(text)
+
+
+def _as_text(value: Any) -> str:
+    """A cell or a ``where`` value as text: booleans as true/false, null as ""."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def _filtered(ds: _Dataset, where: dict[str, Any] | None, at: str) -> list[_Row]:
+    """Rows of ``ds`` whose columns equal every ``where`` value (as text)."""
+    want = {col: _as_text(v) for col, v in (where or {}).items()}
+    for col in want:
+        if col not in ds.columns:
+            raise SpecError(
+                f"{at}.where.{col}: column {col!r} not in dataset {ds.name!r} "
+                f"(columns: {', '.join(sorted(ds.columns))})"
+            )
+    rows = [r for r in ds.rows if all(r.fields.get(c) == v for c, v in want.items())]
+    if not rows:
+        raise SpecError(f"{at}.where: no row of dataset {ds.name!r} matches {want}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Expansion into calls, rejection, assembly.
+# --------------------------------------------------------------------------------------------
+
+Outputs = dict[str, dict[str, tuple[str, str]]]  # node -> request id -> (call, request id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Draft:
+    """One call before over-long prompts are dropped."""
+
+    name: str  # call name
+    node: int  # index into AppSpec.nodes
+    part: int | None  # chunk index of a chain call; None for an input node
+    model: str
+    ids: tuple[str, ...]  # one per request
+    base: tuple[int, ...]  # tokens per request: own prompt + template
+    deps: tuple[tuple[tuple[str, str], ...], ...]  # per request: (upstream call, request id)
+
+
+def _expand_all(
+    spec: AppSpec, order: list[int], datasets: dict[str, _Dataset], ctx: _Ctx
+) -> list[_Draft]:
+    outputs: Outputs = {}
+    drafts: list[_Draft] = []
+    for i in order:
+        node = spec.nodes[i]
+        at = f"{ctx.where}: nodes[{i}]"
+        if node.input is not None:
+            drafts.append(_expand_input(i, node, node.input, datasets, outputs, at))
+        else:
+            assert node.chain is not None
+            drafts += _expand_chain(i, node, node.chain, datasets, outputs, at)
+    return drafts
+
+
+def _template(src: _Source) -> int:
+    """Tokens of the template: template_tokens + the estimate of the template text."""
+    return src.template_tokens + (estimate_tokens(src.template) if src.template else 0)
+
+
+def _expand_input(
+    i: int, node: NodeSpec, inp: InputSpec, datasets: dict[str, _Dataset], outputs: Outputs,
+    at: str,
+) -> _Draft:  # fmt: skip
+    tmpl = _template(inp)
+    if inp.dataset is not None:
+        rows = _filtered(datasets[inp.dataset], inp.where, f"{at}.input")
+        bases = [(r.id, r.tokens + tmpl) for r in rows]
+    else:
+        assert inp.nodes is not None  # InputSpec checks this
+        bases = [(rid, max(1, tmpl)) for rid in outputs[inp.nodes[0]]]
+    ups = [outputs[u] for u in inp.nodes or ()]
+    ids: list[str] = []
+    base: list[int] = []
+    deps: list[tuple[tuple[str, str], ...]] = []
+    for rid, tokens in bases:
+        dep = tuple(up[rid] for up in ups if rid in up)
+        for j in range(inp.repeat):
+            ids.append(rid if inp.repeat == 1 else f"{rid}#{j}")
+            base.append(tokens)
+            deps.append(dep)
+    outputs[node.name] = {rid: (node.name, rid) for rid in ids}
+    return _Draft(node.name, i, None, node.model, tuple(ids), tuple(base), tuple(deps))
+
+
+def _expand_chain(
+    i: int, node: NodeSpec, ch: ChainSpec, datasets: dict[str, _Dataset], outputs: Outputs,
+    at: str,
+) -> list[_Draft]:  # fmt: skip
+    """Calls ``<name>.0``, ``<name>.1``, ...: call k holds chunk k of every long-enough doc."""
+    tmpl, size = _template(ch), ch.chunk_tokens
+    docs = _filtered(datasets[ch.dataset], ch.where, f"{at}.chain")
+    chunks = {d.id: math.ceil(d.tokens / size) for d in docs}
+    drafts: list[_Draft] = []
+    for k in range(max(chunks.values())):
+        sel = [d for d in docs if chunks[d.id] > k]
+        deps = tuple(((f"{node.name}.{k - 1}", d.id),) if k else () for d in sel)
+        drafts.append(_Draft(
+            f"{node.name}.{k}", i, k, node.model, tuple(d.id for d in sel),
+            tuple(min(size, d.tokens - k * size) + tmpl for d in sel), deps,
+        ))  # fmt: skip
+    outputs[node.name] = {d.id: (f"{node.name}.{chunks[d.id] - 1}", d.id) for d in docs}
+    return drafts
+
+
+def _sampling(i: int, node: NodeSpec, spec: AppSpec, where: str) -> Sampling:
+    """``node.sampling`` merged over ``defaults.sampling``."""
+    default = spec.defaults.sampling if spec.defaults is not None else None
+    merged: dict[str, Any] = {}
+    for s in (default, node.sampling):
+        if s is not None:
+            merged.update(s.model_dump(exclude_none=True))
+    if "max_tokens" not in merged:
+        raise SpecError(
+            f"{where}: nodes[{i}].sampling.max_tokens: required (set it here or in "
+            "defaults.sampling)"
+        )
+    return Sampling(**merged)
+
+
+def _assemble(
+    drafts: list[_Draft],
+    spec: AppSpec,
+    infos: dict[str, ModelInfo],
+    samplings: list[Sampling],
+    ctx: _Ctx,
+) -> tuple[list[LlmCall], list[Rejection]]:
+    """Calls without the rejected requests, in draft order, and the rejections."""
+    index: dict[str, dict[str, int]] = {}  # call -> kept request id -> request index
+    pos: dict[str, int] = {}  # call -> index in the result
+    dropped: set[tuple[str, str]] = set()
+    calls: list[LlmCall] = []
+    rejected: list[Rejection] = []
+    for dr in drafts:
+        limit = _context_limit(infos[dr.model], ctx.serving)
+        keep: list[int] = []
+        for r, rid in enumerate(dr.ids):
+            reason = _reject_reason(dr, r, limit, dropped)
+            if reason is None:
+                keep.append(r)
+            else:
+                dropped.add((dr.name, rid))
+                rejected.append(Rejection(dr.name, rid, reason))
+        if not keep:
+            if dr.part:  # a later chunk call left empty: its documents were all dropped
+                continue
+            _all_rejected(dr, spec, rejected, ctx.where)
+        index[dr.name] = {dr.ids[r]: n for n, r in enumerate(keep)}
+        pos[dr.name] = len(calls)
+        calls.append(_call(dr, keep, index, pos, samplings[dr.node].max_tokens))
+    return calls, rejected
+
+
+def _context_limit(info: ModelInfo, serving: ServingConfig) -> int:
+    """Tokens (prompt plus output) one request of the model may hold."""
+    if serving.max_model_len is None:
+        return info.max_model_len
+    return min(info.max_model_len, serving.max_model_len)
+
+
+def _reject_reason(dr: _Draft, r: int, limit: int, dropped: set[tuple[str, str]]) -> str | None:
+    tokens = dr.base[r]
+    if tokens >= limit:
+        return (
+            f"prompt of {tokens} tokens does not fit max_model_len {limit} of {dr.model} "
+            "(at least 1 output token is needed)"
+        )
+    for call, uid in dr.deps[r]:
+        if (call, uid) in dropped:
+            return f"upstream request {uid!r} of node {call!r} was rejected"
+    return None
+
+
+def _all_rejected(dr: _Draft, spec: AppSpec, rejected: list[Rejection], where: str) -> NoReturn:
+    node = spec.nodes[dr.node].name
+    call = "" if dr.name == node else f", call {dr.name!r}"
+    first = next(r for r in rejected if r.node == dr.name)
+    raise SpecError(
+        f"{where}: nodes[{dr.node}]: node {node!r}{call} has no requests left: all "
+        f"{len(dr.ids)} were rejected (first: {first.request_id!r}: {first.reason})"
+    )
+
+
+def _call(
+    dr: _Draft, keep: list[int], index: dict[str, dict[str, int]], pos: dict[str, int],
+    max_tokens: int,
+) -> LlmCall:  # fmt: skip
+    srcs: dict[str, list[int]] = {}
+    for n, r in enumerate(keep):
+        for call, uid in dr.deps[r]:
+            srcs.setdefault(call, [-1] * len(keep))[n] = index[call][uid]
+    ordered = sorted(srcs.items(), key=lambda cs: pos[cs[0]])
+    deps = tuple(Dep(pos[c], np.asarray(s, dtype=np.int64)) for c, s in ordered)
+    return LlmCall(
+        name=dr.name,
+        model=dr.model,
+        base_prompt_len=np.asarray([dr.base[r] for r in keep], dtype=np.int64),
+        max_tokens=np.full(len(keep), max_tokens, dtype=np.int64),
+        deps=deps,
+        request_ids=tuple(dr.ids[r] for r in keep),
+    )
