@@ -168,7 +168,9 @@ class StageSearch:
     # -------------------------------------------------------------- driver
     def _complete(self, state: ReplayState, t: float, stage: int, *, rollouts: bool) -> ReplayState:
         events = 0
-        while not _all_finished(state):
+        # Every unit has a (tentative) finish once launched; keep visiting run ends after that,
+        # where growing a straggler onto freed GPUs may still pay.
+        while not _all_finished(state) or _next_event(state, t) is not None:
             cands = self._candidates(state, t)
             use_roll = rollouts and events < self.cfg.lookahead_events and self.cfg.lookahead > 1
             chosen = self._pick(state, t, stage, cands, use_roll)
