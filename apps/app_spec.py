@@ -26,7 +26,7 @@ from typing import IO, Annotated, Any, NoReturn
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from apps.cluster_spec import SpecError, _loc, _read
+from apps.cluster_spec import SpecError, _read, spec_error
 from apps.tokens import estimate_tokens
 from planning.cluster import Cluster, fits_in_memory
 from planning.estimate import ServingConfig, engine_for
@@ -293,11 +293,7 @@ def _validate(doc: Any, where: str) -> AppSpec:
     try:
         return AppSpec.model_validate(doc)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            msgs.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
-        raise SpecError("; ".join(msgs)) from None
+        raise spec_error(e, where) from None
 
 
 def _result(

@@ -96,6 +96,15 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def spec_error(e: ValidationError, where: str) -> SpecError:
+    """One error naming ``where`` and the field path of every pydantic problem."""
+    msgs = []
+    for err in e.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        msgs.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
+    return SpecError("; ".join(msgs))
+
+
 def _read(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -128,11 +137,7 @@ def parse_cluster(doc: Any, where: str) -> Cluster:
     try:
         spec = ClusterSpec.model_validate(doc)
     except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            msgs.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
-        raise SpecError("; ".join(msgs)) from None
+        raise spec_error(e, where) from None
     seen: dict[str, int] = {}
     for i, node in enumerate(spec.nodes):
         if node.nvlink_islands is not None and node.island_size is not None:

@@ -175,11 +175,7 @@ class ReplayState:
         for g in a.gpu_ids():
             self.gpu_free[g] = end
             self.gpu_owner[g] = idx
-        self._settle(u, end)
-
-    def _settle(self, u: int, end: float) -> None:
-        """The live run of ``u`` runs to its end unless replaced later."""
-        self.unit_finish[u] = end
+        self.unit_finish[u] = end  # final unless a later assignment replaces this run
 
     def _stop(self, u: int, t: float) -> None:
         """Cut the live run of ``u`` at ``t`` (a later assignment replaces it)."""

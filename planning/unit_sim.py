@@ -92,7 +92,7 @@ def _scale_factor(work: Work, engine: EngineConfig, dp: int, budget: int | None)
     need = int(np.max(-(-(work.prompt + work.output) // engine.block_size)))  # blocks
     by_kv = engine.num_kv_blocks // max(2 * need, 1)
     by_seqs = engine.max_num_seqs // MIN_SCALED_SEQS
-    by_reqs = n // (budget * 1)
+    by_reqs = n // budget
     limit = min(by_kv, by_seqs, by_reqs, max(1, n // max(dp * MIN_SCALED_SEQS, 1)))
     return 1 if limit < 2 else 1 << int(math.floor(math.log2(limit)))
 
