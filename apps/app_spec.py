@@ -138,9 +138,16 @@ class ModelSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    """One entry of ``datasets:``."""
+    """One entry of ``datasets:``: a file, or the rows inline (what a job submission carries)."""
 
-    path: str = Field(min_length=1)  # relative to the application file
+    path: str | None = Field(default=None, min_length=1)  # relative to the application file
+    records: list[dict[str, Any]] | None = Field(default=None, min_length=1)  # rows inline
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.records is None):
+            raise ValueError("give exactly one of 'path' and 'records'")
+        return self
 
 
 class _Source(_Strict):
@@ -679,6 +686,14 @@ class _Dataset:
 
 def _load_dataset(name: str, spec: DatasetSpec, ctx: _Ctx) -> _Dataset:
     at = f"{ctx.where}: datasets.{name}"
+    if spec.records is not None:
+        raw = ((f"{at}.records[{i}]", row) for i, row in enumerate(spec.records))
+        try:
+            rows, columns = _rows(raw)
+        except _DataError as e:
+            raise SpecError(str(e)) from None
+        return _Dataset(name, Path(f"<{name}>"), rows, columns)
+    assert spec.path is not None  # checked by DatasetSpec
     path = ctx.base_dir / spec.path
     if not path.is_file():
         raise SpecError(f"{at}.path: file not found: {path}")
@@ -979,3 +994,50 @@ def _call(
         deps=deps,
         request_ids=tuple(dr.ids[r] for r in keep),
     )
+
+
+def self_contained(path: str | Path) -> dict[str, Any]:
+    """The application document of ``path`` with every dataset inlined as ``records`` and every
+    other relative path (model folders, ``config:``, length files) made absolute, so that a
+    coordinator on another host can load it with :func:`parse_app` (what a submission carries).
+
+    Raises:
+        SpecError: the file or a dataset cannot be read (validate with :func:`load_app` first).
+    """
+    p = Path(path)
+    doc = _read(p)
+    if not isinstance(doc, dict):
+        raise SpecError(f"{p}: expected a mapping with 'models' and 'nodes' at the top level")
+    base = p.parent.resolve()
+    out = dict(doc)
+    sets = doc.get("datasets") or {}
+    out["datasets"] = {n: _inline(n, d, base, str(p)) for n, d in sets.items()}
+    out["models"] = [_absolute_model(m, base) for m in doc.get("models") or []]
+    out.setdefault("name", p.stem)
+    return out
+
+
+def _inline(name: str, d: Any, base: Path, where: str) -> Any:
+    if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+        return d
+    path = base / d["path"]
+    kind = Path(path.name.lower().removesuffix(".gz")).suffix
+    try:
+        with open_text(path) as fh:
+            return {"records": [row for _, row in _raw_rows(fh, path, kind)]}
+    except (_DataError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise SpecError(f"{where}: datasets.{name}.path: {e}") from None
+
+
+def _absolute_model(m: Any, base: Path) -> Any:
+    if not isinstance(m, dict):
+        return m
+    out = dict(m)
+    if isinstance(m.get("config"), str):
+        out["config"] = str(base / m["config"])
+    if isinstance(m.get("id"), str) and (base / m["id"] / "config.json").is_file():
+        out["id"] = str(base / m["id"])
+    lengths = m.get("lengths")
+    if isinstance(lengths, str) and lengths != "authors" and not lengths.startswith("like:"):
+        out["lengths"] = str(base / lengths)
+    return out

@@ -7,9 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from coordinator import cli_estimate, cli_plan, cli_profile
+from coordinator import cli_estimate, cli_plan, cli_profile, cli_run, cli_service
 
-COMMANDS = (cli_estimate, cli_plan, cli_profile)
+COMMANDS = (cli_estimate, cli_plan, cli_profile, cli_run, cli_service)
 
 
 def build_parser() -> argparse.ArgumentParser:

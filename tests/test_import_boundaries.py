@@ -77,3 +77,26 @@ def test_coordinator_never_imports_workers_and_only_one_module_imports_vllm() ->
                   for p in ROOT.glob(f"{pkg}/**/*.py")
                   if any(n.split(".")[0] == "vllm" for n in _imports(p))]
     assert vllm_users in ([], ["workers/engines/vllm_engine.py"])
+
+
+def test_coordinator_and_apps_import_no_torch_or_vllm() -> None:
+    """The coordinator (service, client, CLI) and apps run where torch and vllm are absent."""
+    mods = ["coordinator.cli", "coordinator.service", "coordinator.client", "coordinator.local",
+            "apps.app_spec"]
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {mods!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert not {"torch", "vllm", "workers"} & {m.split(".")[0] for m in loaded}
+
+
+def test_workers_import_only_messages_and_store_from_the_coordinator() -> None:
+    """Workers share the wire schemas and the ledger, nothing else of the coordinator."""
+    allowed = {"coordinator.messages", "coordinator.store", "coordinator.settings"}
+    for path in ROOT.glob("workers/**/*.py"):
+        used = {n for n in _imports(path) if n.split(".")[0] == "coordinator"}
+        assert used <= allowed, f"{path.relative_to(ROOT)} imports {sorted(used - allowed)}"

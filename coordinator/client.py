@@ -1,0 +1,160 @@
+"""Client API for scripts: submit applications to a running samullm and follow their jobs.
+
+```python
+from coordinator.client import Client
+job = Client("redis://127.0.0.1:6379/0").submit("app.yaml", cluster="cluster.yaml")
+job.wait()
+for out in job.results():
+    print(out.key, out.output_tokens)
+```
+
+:meth:`Client.submit` validates the application on the client first (every error names the file
+and field, and nothing is written to Redis), then writes a self-contained submission (datasets
+inlined) that the coordinator plans and runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from apps.app_spec import load_app, self_contained
+from apps.cluster_spec import _read, load_cluster
+from coordinator.messages import JobOptions, JobSubmission, RequestOutput
+from coordinator.settings import load_settings
+from coordinator.store import JOBS, SUBMISSIONS, JobKeys, connect, decode
+from planning.io.lengths import load_authors_pdfs
+from planning.io.profiles import load_default_profiles
+
+TERMINAL = ("done", "failed")
+
+
+class JobFailed(RuntimeError):
+    """The coordinator refused or failed the job."""
+
+
+class Job:
+    """A submitted job."""
+
+    def __init__(self, r: redis.Redis, job_id: str) -> None:
+        self.r, self.id, self.keys = r, job_id, JobKeys(job_id)
+
+    def status(self) -> dict[str, Any]:
+        """The job's state hash: status, planned/actual makespan, counts, ETA, error."""
+        raw = self.r.hgetall(self.keys.state)
+        out: dict[str, Any] = {}
+        for k, v in raw.items():
+            text = decode(v)
+            try:
+                out[decode(k)] = json.loads(text)
+            except json.JSONDecodeError:
+                out[decode(k)] = text
+        return out
+
+    def progress(self) -> dict[str, dict[str, Any]]:
+        """Per unit: model, done, total, failed, tokens, tokens_per_s, running, eta_s."""
+        return {decode(k): json.loads(v) for k, v in self.r.hgetall(self.keys.units).items()}
+
+    def plan(self) -> dict[str, Any] | None:
+        """The plan the coordinator runs (None until planned)."""
+        raw = self.r.get(self.keys.plan)
+        return json.loads(raw) if raw else None
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.2) -> dict[str, Any]:
+        """Block until the job is done; its final status.
+
+        Raises:
+            JobFailed: the job failed (the message holds the coordinator's reason).
+            TimeoutError: not done within ``timeout`` seconds.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st.get("status") == "failed":
+                raise JobFailed(f"job {self.id} failed: {st.get('error', 'unknown error')}")
+            if st.get("status") == "done":
+                return st
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"job {self.id} not done after {timeout} s ({st.get('status')})")
+            time.sleep(poll_s)
+
+    def results(self) -> list[RequestOutput]:
+        """Every committed output, in commit order."""
+        return list(self.stream_results(follow=False))
+
+    def failed(self) -> dict[str, str]:
+        """Requests that failed: key -> error."""
+        return {decode(k): decode(v) for k, v in self.r.hgetall(self.keys.failed).items()}
+
+    def stream_results(
+        self, *, follow: bool = True, block_ms: int = 500
+    ) -> Iterator[RequestOutput]:
+        """Outputs as they are committed; with ``follow``, until the job ends."""
+        last = "0"
+        while True:
+            got = self.r.xread({self.keys.events: last}, count=1000,
+                               block=block_ms if follow else None)  # fmt: skip
+            entries = got[0][1] if got else []
+            for entry_id, fields in entries:
+                last = decode(entry_id)
+                kind = decode(fields.get(b"type", b""))
+                if kind == "commit":
+                    yield RequestOutput.model_validate_json(fields[b"data"])
+                elif kind == "job" and follow:
+                    return
+            if not entries and not follow:
+                return
+
+
+class Client:
+    """Connection to a samullm deployment (its Redis)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.r = connect(url)
+
+    def submit(
+        self, app: str | Path, *, cluster: str | Path, options: JobOptions | None = None
+    ) -> Job:
+        """Validate ``app`` on ``cluster`` here, then submit it.
+
+        Raises:
+            apps.cluster_spec.SpecError: a bad application or cluster file (nothing submitted).
+        """
+        cl = load_cluster(cluster)
+        pdfs = load_authors_pdfs(load_settings().default_lengths)
+        load_app(app, cluster=cl, profiles=load_default_profiles(), authors_pdfs=pdfs)
+        doc = self_contained(app)
+        sub = JobSubmission(
+            job_id=uuid.uuid4().hex[:12], name=str(doc.get("name") or Path(app).stem), app=doc,
+            cluster=_read(Path(cluster)), options=options or JobOptions(), submitted_at=time.time(),
+        )  # fmt: skip
+        return self.submit_document(sub)
+
+    def submit_document(self, sub: JobSubmission) -> Job:
+        """Submit an already built submission (no client-side validation)."""
+        k = JobKeys(sub.job_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(k.spec, sub.to_json())
+        pipe.hset(k.state, mapping={"status": "queued", "name": sub.name,
+                                    "submitted_at": sub.submitted_at})  # fmt: skip
+        pipe.zadd(JOBS, {sub.job_id: sub.submitted_at})
+        pipe.xadd(SUBMISSIONS, {"job_id": sub.job_id})
+        pipe.execute()
+        return Job(self.r, sub.job_id)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job.
+
+        Raises:
+            KeyError: no such job.
+        """
+        if not self.r.exists(JobKeys(job_id).state):
+            raise KeyError(f"no job {job_id!r} in {self.url}")
+        return Job(self.r, job_id)

@@ -1,0 +1,169 @@
+"""What the coordinator knows of one job that never changes while it runs (no I/O).
+
+:func:`build_job` turns a submission into a :class:`JobModel`: the loaded application, the plan
+(searched or a baseline's, per ``options.method``) with its estimate, and per request its ledger
+key (``<node>/<request id>``), unit, inputs and sampling. The runtime state (what is committed,
+which task owns what) lives in Redis and in :mod:`coordinator.service`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from apps.app_spec import LoadedApp, parse_app
+from apps.cluster_spec import parse_cluster
+from coordinator.messages import EngineSpec, JobSubmission, SamplingParams
+from planning.cluster import Cluster, GpuGroup
+from planning.estimate import ServingConfig
+from planning.io.lengths import load_authors_pdfs
+from planning.io.profiles import load_default_profiles
+from planning.plan import Plan
+from planning.planner import PlanEstimate, PlannerConfig, plan_app
+from planning.workload import Unit
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    """One request of the job."""
+
+    key: str  # "<node>/<request id>"
+    node: str
+    request_id: str
+    unit: int  # index into JobModel.units
+    base_tokens: int  # tokens of its own prompt (template included), without inputs
+    deps: tuple[str, ...]  # keys whose outputs it consumes
+    chain: str  # key of the first request of its same-unit chain (itself when none)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class JobModel:
+    """The static part of a running job."""
+
+    job_id: str
+    loaded: LoadedApp
+    cluster: Cluster
+    serving: ServingConfig
+    estimate: PlanEstimate  # the plan that runs, with its P50/P90
+    units: tuple[Unit, ...]
+    reqs: Mapping[str, Req]  # in call order
+    unit_keys: tuple[tuple[str, ...], ...]  # per unit, unit-local order
+    downstream: Mapping[str, tuple[str, ...]]  # key -> keys consuming it
+    sampling: Mapping[str, SamplingParams]  # node -> sampling
+    plan_seconds: float  # s spent planning
+    lengths_like: Mapping[str, str]  # model -> model whose length pmf the app uses for it
+
+    @property
+    def plan(self) -> Plan:
+        return self.estimate.plan
+
+    def model(self, unit: int) -> str:
+        return self.units[unit].model
+
+    def tps(self, unit: int) -> tuple[int, ...]:
+        """Tensor-parallel degrees the unit's model may use."""
+        return tuple(sorted(self.loaded.graph.models[self.model(unit)].profiles))
+
+    def engine(self, unit: int, tp: int) -> EngineSpec:
+        """Engine settings of the unit's model on a group of ``tp`` GPUs."""
+        s = self.serving
+        return EngineSpec(
+            model=self.model(unit), tp=tp, max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+        )  # fmt: skip
+
+    def keep_loaded(self, k: int, group: GpuGroup) -> bool:
+        """Whether the next assignment on ``group``'s GPUs after ``k`` reuses its engine."""
+        a = self.plan.assignments[k]
+        gpus = {(group.node, g) for g in group.gpus}
+        for b in self.plan.assignments[k + 1 :]:
+            if gpus & set(b.gpu_ids()):
+                same_model = self.model(b.unit) == self.model(a.unit) and b.tp == a.tp
+                return same_model and group in b.groups
+        return False
+
+    def split(self, keys: list[str], dp: int) -> list[list[str]]:
+        """``keys`` over ``dp`` replicas: a chain stays on one replica, chains balanced by count."""
+        chains: dict[str, list[str]] = {}
+        for k in keys:
+            chains.setdefault(self.reqs[k].chain, []).append(k)
+        parts: list[list[str]] = [[] for _ in range(dp)]
+        for members in sorted(chains.values(), key=len, reverse=True):
+            min(parts, key=len).extend(members)
+        return parts
+
+
+def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
+    """Load and plan a submitted job.
+
+    Raises:
+        apps.cluster_spec.SpecError: the application or cluster document is invalid.
+    """
+    cluster = parse_cluster(sub.cluster, f"{sub.name} (cluster)")
+    serving = ServingConfig()
+    loaded = parse_app(
+        sub.app, sub.name, "/", cluster=cluster, profiles=load_default_profiles(),
+        authors_pdfs=load_authors_pdfs(shared_lengths), serving=serving,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    opts = sub.options
+    cfg = PlannerConfig(draws=opts.draws, seed=opts.seed)
+    report = plan_app(loaded.graph, cluster, serving=serving, config=cfg,
+                      compare=opts.method != "samullm")  # fmt: skip
+    est = report.searched if opts.method == "samullm" else report.baselines[opts.method]
+    plan_s = time.perf_counter() - t0
+    reqs, unit_keys = _requests(loaded, est.ctx.units)
+    downstream: dict[str, list[str]] = {}
+    for r in reqs.values():
+        for d in r.deps:
+            downstream.setdefault(d, []).append(r.key)
+    sampling = {
+        node: SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
+                             top_p=s.top_p, ignore_eos=s.ignore_eos)
+        for node, s in loaded.sampling.items()
+    }  # fmt: skip
+    return JobModel(
+        sub.job_id, loaded, cluster, serving, est, est.ctx.units, reqs, unit_keys,
+        {k: tuple(v) for k, v in downstream.items()}, sampling, plan_s, _likes(sub.app),
+    )  # fmt: skip
+
+
+def _likes(doc: dict[str, object]) -> dict[str, str]:
+    """``lengths: like:<model>`` of every model of the application document."""
+    out = {}
+    for m in doc.get("models") or []:  # type: ignore[attr-defined]
+        src = m.get("lengths") if isinstance(m, dict) else None
+        if isinstance(src, str) and src.startswith("like:"):
+            out[str(m["id"])] = src.removeprefix("like:")
+    return out
+
+
+def _requests(
+    loaded: LoadedApp, units: tuple[Unit, ...]
+) -> tuple[dict[str, Req], tuple[tuple[str, ...], ...]]:
+    graph = loaded.graph
+    keys = [
+        [f"{c.name}/{c.request_ids[r] if c.request_ids else r}" for r in range(c.num_requests)]
+        for c in graph.calls
+    ]
+    reqs: dict[str, Req] = {}
+    unit_keys = []
+    for u, unit in enumerate(units):
+        local: list[str] = []
+        for ci, c in enumerate(unit.calls):
+            call = graph.calls[c]
+            for r in range(call.num_requests):
+                deps = tuple(keys[d.call][int(d.src[r])] for d in call.deps if d.src[r] >= 0)
+                i = unit.offsets[ci] + r
+                after = int(unit.after[i])
+                chain = reqs[local[after]].chain if after >= 0 else keys[c][r]
+                key = keys[c][r]
+                rid = call.request_ids[r] if call.request_ids else str(r)
+                reqs[key] = Req(key, call.name, rid, u, int(call.base_prompt_len[r]), deps, chain)
+                local.append(key)
+        unit_keys.append(tuple(local))
+    order = {k: i for i, k in enumerate(k for ks in keys for k in ks)}
+    return dict(sorted(reqs.items(), key=lambda kv: order[kv[0]])), tuple(unit_keys)

@@ -1,0 +1,127 @@
+"""``samullm run``: the whole stack on one machine, or a job submitted to running services.
+
+Without ``--broker`` it starts a private ``redis-server`` on a free loopback port, the
+coordinator, and, once the plan is known, one sim worker per GPU group the plan uses (virtual
+GPUs; the vLLM stage engine is not wired yet), then follows the job, writes the results and tears
+everything down. With ``--broker`` it submits to the services already running there. Either way
+it shows live progress (a bar per unit with tokens/s and the revised ETA) and ends with planned
+vs actual makespan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.client import Job
+from coordinator.messages import JobOptions
+from coordinator.redis_server import RedisServer
+
+STOP_WAIT_S = 3.0  # s a process gets to exit after SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """What ``samullm run`` was asked."""
+
+    app: Path
+    cluster: Path
+    options: JobOptions
+    time_scale: float  # real s per simulated s on the sim workers
+    out: Path | None  # results file (JSONL, or Parquet by suffix)
+    broker: str | None  # submit to running services instead of starting them
+    live: bool  # draw the progress bars
+    log_dir: Path | None  # where worker and coordinator logs go (a temp folder if None)
+
+
+class _Procs:
+    """Child processes in their own process groups, stopped by pid."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))  # fmt: skip
+
+    def stop(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        end = time.monotonic() + STOP_WAIT_S
+        for p in self.procs:
+            try:
+                p.wait(max(end - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "coordinator.cli", *args]
+
+
+@contextlib.contextmanager
+def local_stack(req: RunRequest) -> Iterator[tuple[str, _Procs]]:
+    """A private Redis and the coordinator; yields (broker URL, process set for workers)."""
+    with contextlib.ExitStack() as stack:
+        log_dir = req.log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        redis = stack.enter_context(RedisServer.start())
+        procs = _Procs(log_dir)
+        stack.callback(procs.stop)
+        procs.start("coordinator", _cli("coordinator", "--broker", redis.url))
+        yield redis.url, procs
+
+
+def start_workers(job: Job, procs: _Procs, url: str, time_scale: float, timeout: float) -> int:
+    """One sim worker per GPU group of the job's plan; returns how many."""
+    plan = _wait_plan(job, timeout)
+    groups = {(g["node"], tuple(g["gpus"])) for a in plan["assignments"] for g in a["gpu_groups"]}
+    for node, gpus in sorted(groups):
+        name = f"worker-{node}-gpu{'_'.join(map(str, gpus))}"
+        procs.start(name, _cli("worker", "--gpus", ",".join(map(str, gpus)), "--node", node,
+                               "--engine", "sim", "--time-scale", str(time_scale),
+                               "--broker", url, "--loglevel", "WARNING"))  # fmt: skip
+    return len(groups)
+
+
+def _wait_plan(job: Job, timeout: float) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st = job.status()
+        if st.get("status") == "failed":
+            raise RuntimeError(f"job {job.id} failed: {st.get('error')}")
+        plan = job.plan()
+        if plan is not None:
+            return plan
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job.id}: no plan after {timeout:.0f} s (is the coordinator up?)")
+
+
+def follow(job: Job, live: bool, poll_s: float = 0.25) -> dict[str, Any]:
+    """Wait for the job, drawing progress bars when ``live``; its final status."""
+    if not live:
+        return job.wait(poll_s=poll_s)
+    from coordinator.progress_view import ProgressView
+
+    with ProgressView() as view:
+        while True:
+            st = job.status()
+            view.update(st, job.progress())
+            if st.get("status") in ("done", "failed"):
+                break
+            time.sleep(poll_s)
+    return job.wait(poll_s=poll_s)

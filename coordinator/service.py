@@ -1,0 +1,273 @@
+"""The coordinator service (``samullm coordinator``): accept jobs, plan them, run them.
+
+One loop reads, with a Redis consumer group, the submission stream and every active job's event
+and progress streams (pending entries first after a restart, then new ones), applies each entry
+to its :class:`~coordinator.runner.JobRun` and acknowledges it. Between reads it checks worker
+heartbeats, launches what the plan allows, refreshes the live per-unit progress and ETA, and
+finishes jobs whose every request is committed or failed. Jobs left ``planning`` or ``running``
+by a previous coordinator are resumed at start (re-planned with the same seed, which gives the
+same plan, and their state rebuilt from Redis).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from celery import Celery
+from pydantic import ValidationError
+
+from apps.cluster_spec import SpecError
+from coordinator.eta import Pending, unit_remaining_s
+from coordinator.job import JobModel, build_job
+from coordinator.messages import JobSubmission, WorkerInfo, celery_config
+from coordinator.runner import JobRun
+from coordinator.store import COORDINATOR_GROUP, JOBS, SUBMISSIONS, WORKERS, JobKeys, decode
+from planning.plan import assignment_to_dict
+
+log = logging.getLogger(__name__)
+BLOCK_MS = 50  # ms a read waits for new entries
+SUMMARY_EVERY_S = 0.5  # s between progress summaries
+VISIBILITY_S = 6 * 3600.0  # s; above TASK_DEADLINE_S
+
+
+def read_workers(r: redis.Redis) -> dict[str, WorkerInfo]:
+    """Announced workers by queue (malformed entries are skipped)."""
+    out = {}
+    for q, raw in r.hgetall(WORKERS).items():
+        try:
+            out[decode(q)] = WorkerInfo.model_validate_json(raw)
+        except ValidationError:
+            log.warning("ignoring a malformed worker entry %s", decode(q))
+    return out
+
+
+def ensure_group(r: redis.Redis, stream: str) -> None:
+    """Create the coordinator's consumer group on ``stream`` (and the stream) if missing."""
+    try:
+        r.xgroup_create(stream, COORDINATOR_GROUP, id="0", mkstream=True)
+    except redis.ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+class Coordinator:
+    """The service loop (see module docstring)."""
+
+    def __init__(self, url: str, shared_lengths: Path, *, name: str = "coordinator-1") -> None:
+        self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                      health_check_interval=10)  # fmt: skip
+        self.celery = Celery("samullm-coordinator")
+        self.celery.conf.update(celery_config(url, visibility_timeout_s=VISIBILITY_S))
+        self.shared_lengths = shared_lengths
+        self.name = name
+        self.runs: dict[str, JobRun] = {}
+        self.rng = np.random.default_rng(0)
+        self._last_summary = 0.0
+
+    # ------------------------------------------------------------------ loop
+    def serve(self, stop: threading.Event | None = None) -> None:
+        """Run until ``stop`` is set."""
+        ensure_group(self.r, SUBMISSIONS)
+        self._resume()
+        self._read(pending=True)
+        while stop is None or not stop.is_set():
+            self._read(pending=False)
+            self._tick()
+
+    def _streams(self) -> list[str]:
+        out = [SUBMISSIONS]
+        for job_id in self.runs:
+            k = JobKeys(job_id)
+            out += [k.events, k.progress]
+        return out
+
+    def _read(self, *, pending: bool) -> None:
+        ids = "0" if pending else ">"
+        streams = {s: ids for s in self._streams()}
+        got = self.r.xreadgroup(COORDINATOR_GROUP, self.name, streams, count=1000,
+                                block=None if pending else BLOCK_MS)  # fmt: skip
+        for stream, entries in got or []:
+            name = decode(stream)
+            for entry_id, fields in entries:
+                if fields:  # a pending entry already deleted by MAXLEN reads as empty
+                    self._apply(name, fields)
+                self.r.xack(name, COORDINATOR_GROUP, entry_id)
+
+    def _apply(self, stream: str, fields: dict[bytes, bytes]) -> None:
+        if stream == SUBMISSIONS:
+            self._accept(decode(fields[b"job_id"]))
+            return
+        job_id = stream.split(":")[2]
+        run = self.runs.get(job_id)
+        if run is None:
+            return
+        if stream.endswith(":progress"):
+            run.on_progress(fields)
+        else:
+            run.on_event(fields)
+
+    def _tick(self) -> None:
+        workers = read_workers(self.r)
+        for job_id, run in list(self.runs.items()):
+            run.check_workers(workers)
+            run.advance(workers)
+            if run.finished():
+                self._finish(run, workers)
+                del self.runs[job_id]
+        if time.time() - self._last_summary >= SUMMARY_EVERY_S:
+            self._last_summary = time.time()
+            for run in self.runs.values():
+                self._summarise(run, workers)
+
+    # ------------------------------------------------------------------ jobs
+    def _accept(self, job_id: str) -> None:
+        """Plan a submitted job and start it; a bad job is marked failed with the reason."""
+        k = JobKeys(job_id)
+        if job_id in self.runs or decode(self.r.hget(k.state, "status") or b"") not in (
+            "queued", "planning"
+        ):  # fmt: skip
+            return
+        self.r.hset(k.state, "status", "planning")
+        try:
+            sub = JobSubmission.model_validate_json(self.r.get(k.spec) or b"")
+            job = build_job(sub, self.shared_lengths)
+        except (SpecError, ValidationError, ValueError) as e:
+            log.error("job %s rejected: %s", job_id, e)
+            self.r.hset(k.state, mapping={"status": "failed", "error": str(e),
+                                          "finished_at": time.time()})  # fmt: skip
+            self.r.xadd(k.events, {"type": "job", "data": "failed"})
+            return
+        self._store_plan(job)
+        self._start(job)
+
+    def _store_plan(self, job: JobModel) -> None:
+        k = JobKeys(job.job_id)
+        plan = [
+            {**assignment_to_dict(a), "unit_name": job.units[a.unit].name,
+             "model": job.model(a.unit), "start_s": job.estimate.timeline.start[i],
+             "end_s": job.estimate.timeline.end[i]}
+            for i, a in enumerate(job.plan.assignments)
+        ]  # fmt: skip
+        self.r.set(k.plan, json.dumps({"method": job.plan.method, "assignments": plan}))
+        self.r.hset(k.state, mapping={
+            "status": "running", "planned_makespan_s": job.estimate.p50,
+            "planned_p90_s": job.estimate.p90, "plan_seconds": job.plan_seconds,
+            "requests_total": len(job.reqs), "rejected": len(job.loaded.rejected),
+        })  # fmt: skip
+
+    def _start(self, job: JobModel) -> None:
+        k = JobKeys(job.job_id)
+        ensure_group(self.r, k.events)
+        ensure_group(self.r, k.progress)
+        run = JobRun(self.r, self.celery, job)
+        run.load()
+        self.runs[job.job_id] = run
+        self._read_job_pending(k)
+
+    def _read_job_pending(self, k: JobKeys) -> None:
+        got = self.r.xreadgroup(COORDINATOR_GROUP, self.name, {k.events: "0", k.progress: "0"})
+        for stream, entries in got or []:
+            for entry_id, fields in entries:
+                if fields:
+                    self._apply(decode(stream), fields)
+                self.r.xack(decode(stream), COORDINATOR_GROUP, entry_id)
+
+    def _resume(self) -> None:
+        """Pick up jobs a previous coordinator left unfinished."""
+        for raw in self.r.zrange(JOBS, 0, -1):
+            job_id = decode(raw)
+            status = decode(self.r.hget(JobKeys(job_id).state, "status") or b"")
+            if status == "running":
+                sub = JobSubmission.model_validate_json(self.r.get(JobKeys(job_id).spec) or b"")
+                log.info("resuming job %s", job_id)
+                self._start(build_job(sub, self.shared_lengths))
+            elif status == "planning":
+                self.r.hset(JobKeys(job_id).state, "status", "queued")
+                self._accept(job_id)
+
+    def _finish(self, run: JobRun, workers: dict[str, WorkerInfo]) -> None:
+        k = run.k
+        scale = _time_scale(run, workers)
+        actual = (run.t_last_commit - run.t_start) / scale if run.t_last_commit else 0.0
+        stats = {decode(a): int(b) for a, b in self.r.hgetall(k.stats).items()}
+        self.r.hset(k.state, mapping={
+            "status": "done", "finished_at": time.time(), "actual_makespan_s": actual,
+            "time_scale": scale, "outputs_committed": len(run.done),
+            "requests_failed": len(run.failed), "stats": json.dumps(stats),
+        })  # fmt: skip
+        self._summarise(run, workers)
+        self.r.xadd(k.events, {"type": "job", "data": "done"})
+        log.info("job %s done: %d outputs, %.1f s", run.job.job_id, len(run.done), actual)
+
+    def _summarise(self, run: JobRun, workers: dict[str, WorkerInfo]) -> None:
+        """Per-unit progress and ETA (engine seconds) for clients."""
+        job = run.job
+        scale = _time_scale(run, workers)
+        elapsed = max(time.time() - run.t_start, 1e-9) / scale if run.t_start else 0.0
+        out: dict[str, Any] = {}
+        eta_job = 0.0
+        for u, unit in enumerate(job.units):
+            keys = job.unit_keys[u]
+            done = sum(1 for key in keys if key in run.done)
+            live = [t for t in run.tasks.values() if t.unit == u and t.live]
+            gen = sum(run.done.get(key, 0) for key in keys)
+            running = {key: n for t in live for key, n in _tokens(run, t.task_id).items()}
+            gen += sum(running.values())
+            eta = _unit_eta(run, u, live, running, self.rng) if live else 0.0
+            eta_job = max(eta_job, eta)
+            out[unit.name] = {
+                "model": unit.model, "done": done, "total": len(keys),
+                "failed": sum(1 for key in keys if key in run.failed),
+                "tokens": gen, "tokens_per_s": gen / elapsed if elapsed else 0.0,
+                "running": bool(live), "eta_s": eta,
+            }  # fmt: skip
+        planned_left = max(job.estimate.p50 - elapsed, 0.0)
+        if out:
+            self.r.hset(run.k.units, mapping={n: json.dumps(v) for n, v in out.items()})
+        self.r.hset(run.k.state, mapping={
+            "elapsed_s": elapsed, "eta_s": max(eta_job, planned_left) if run.done or
+            run.tasks else job.estimate.p50, "outputs_committed": len(run.done),
+        })  # fmt: skip
+
+
+def _tokens(run: JobRun, task_id: str) -> dict[str, int]:
+    live = run.live.get(task_id)
+    return live.tokens if live is not None else {}
+
+
+def _unit_eta(
+    run: JobRun, u: int, live: list[Any], running: dict[str, int], rng: np.random.Generator
+) -> float:
+    """Engine seconds left for unit ``u`` (conditional re-simulation of its open requests)."""
+    job = run.job
+    pend = []
+    for key in job.unit_keys[u]:
+        if key in run.done or key in run.failed:
+            continue
+        req = job.reqs[key]
+        prompt = req.base_tokens + sum(run.done.get(d, 0) for d in req.deps)
+        pend.append(Pending(prompt, running.get(key, 0), job.sampling[req.node].max_tokens))
+    tp = len(live[0].gpus)
+    try:
+        return unit_remaining_s(job, u, tp, len(live), pend, rng)
+    except (ValueError, KeyError):
+        return 0.0
+
+
+def _time_scale(run: JobRun, workers: dict[str, WorkerInfo]) -> float:
+    """Real seconds per engine second of the job's workers (1 for real engines)."""
+    if run.time_scale is None:
+        for rec in run.tasks.values():
+            w = workers.get(rec.queue)
+            if w is not None:
+                run.time_scale = w.time_scale or 1.0
+                run.r.hset(run.k.state, "time_scale", run.time_scale)
+                break
+    return run.time_scale or 1.0

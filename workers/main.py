@@ -1,0 +1,107 @@
+"""Entry point of one worker process: ``python -m workers.main --gpus 0,1 ...``.
+
+``samullm worker`` execs this module with ``CUDA_VISIBLE_DEVICES`` already set to the group's
+GPUs, so nothing here (or in vLLM, imported lazily by the engine) can see other devices. The
+process announces itself in ``samullm:workers`` with a heartbeat thread, then runs a Celery worker
+with the solo pool on exactly its group's queue (``samullm.<node>.gpu<range>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+from coordinator.messages import WorkerInfo, celery_config
+from coordinator.store import WORKERS, connect
+
+DEFAULT_VISIBILITY_S = 6 * 3600.0  # s; above the longest stage the coordinator will send
+HEARTBEAT_S = 1.0  # s between heartbeats
+
+
+def queue_name(node: str, gpus: Sequence[int]) -> str:
+    """``samullm.<node>.gpu<range>`` (the same rule as planning.cluster.GpuGroup.queue_name)."""
+    from planning.cluster import GpuGroup
+
+    return GpuGroup(node, tuple(gpus)).queue_name
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options of one worker (see ``samullm worker --help``)."""
+    p = argparse.ArgumentParser(prog="samullm worker")
+    p.add_argument("--gpus", required=True, help="GPU indices of the group, e.g. 0,1")
+    p.add_argument("--node", default=socket.gethostname().split(".")[0])
+    p.add_argument("--engine", choices=("sim", "vllm"), default="sim")
+    p.add_argument("--broker", required=True, help="redis://[:password@]host:port/db")
+    p.add_argument("--time-scale", type=float, default=1.0, help="sim: real s per simulated s")
+    p.add_argument("--truth", default=None, help="sim: truth file (docs/runtime.md)")
+    p.add_argument("--visibility-timeout", type=float, default=DEFAULT_VISIBILITY_S)
+    p.add_argument("--loglevel", default="INFO")
+    args = p.parse_args(argv)
+    try:
+        args.gpus = tuple(int(g) for g in str(args.gpus).split(","))
+    except ValueError:
+        p.error(f"--gpus: expected comma-separated integers, got {args.gpus!r}")
+    if len(set(args.gpus)) != len(args.gpus) or min(args.gpus) < 0:
+        p.error(f"--gpus: indices must be distinct and >= 0, got {args.gpus}")
+    return args
+
+
+def _heartbeat(args: argparse.Namespace, queue: str, stop: threading.Event) -> None:
+    """Refresh this worker's :class:`WorkerInfo` every HEARTBEAT_S until ``stop``."""
+    r = connect(args.broker)
+    started = time.time()
+    while not stop.is_set():
+        info = WorkerInfo(
+            queue=queue, node=args.node, gpus=args.gpus, engine=args.engine,
+            host=socket.gethostname(), pid=os.getpid(), started_at=started,
+            heartbeat_at=time.time(),
+            time_scale=args.time_scale if args.engine == "sim" else None,
+        )  # fmt: skip
+        try:
+            r.hset(WORKERS, queue, info.to_json())
+        except Exception:  # noqa: BLE001 - Redis down: retry at the next beat
+            logging.getLogger(__name__).warning("heartbeat failed", exc_info=True)
+        stop.wait(HEARTBEAT_S)
+    r.hdel(WORKERS, queue)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Start the heartbeat and the Celery worker of one GPU group."""
+    args = parse_args(argv)
+    if args.engine == "vllm":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in args.gpus)
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(message)s")
+    from workers import celery_app
+    from workers.engines.cache import EngineCache
+    from workers.engines.factory import build_engine
+    from workers.truth import TruthWorld, load_truth
+
+    queue = queue_name(args.node, args.gpus)
+    truth = TruthWorld(load_truth(args.truth)) if args.engine == "sim" else None
+
+    def builder(key):  # type: ignore[no-untyped-def]
+        return build_engine(args.engine, key, truth=truth, time_scale=args.time_scale)
+
+    state = celery_app.WorkerState(queue, args.broker, EngineCache(builder), truth)
+    config = celery_config(args.broker, visibility_timeout_s=args.visibility_timeout)
+    celery_app.configure(state, config)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(args, queue, stop), daemon=True)
+    beat.start()
+    try:
+        celery_app.app.worker_main([
+            "worker", "-Q", queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
+            "-n", f"{queue}@%h", "--without-gossip", "--without-mingle", "-l", args.loglevel,
+        ])  # fmt: skip
+    finally:
+        stop.set()
+        beat.join(timeout=2 * HEARTBEAT_S)
+
+
+if __name__ == "__main__":
+    main()

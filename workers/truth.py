@@ -1,0 +1,269 @@
+"""The simulated world's ground truth: real output lengths and real step latencies.
+
+The planner predicts serving times from *sampled* output lengths and *profiled* step costs. On
+virtual GPUs the sim engine needs the outcome the planner could not know: what each request
+really generates and how long each engine step really takes. :class:`Truth` says where that
+comes from (its own seed, length pmfs and profile set, and per-model distortions), and
+:class:`TruthWorld` answers the sim engine's questions, loading the files once per process.
+
+Independence from the planner is by construction: a truth length is drawn from a generator
+seeded with ``sha256(f"{seed}|{model}|{key}")`` (one stream per request key), while the
+planner samples whole length vectors from one generator seeded with the planner's seed.
+
+A truth file (YAML, or JSON by suffix) looks like::
+
+    seed: 7                      # default 20261123
+    lengths: pdfs.json           # default: the shared authors' pdfs
+    profiles: my_profiles.json   # default: the shipped profile set
+    models:
+      lmsys/vicuna-13b-v1.5: {length_scale: 2.0, latency_scale: 1.3}
+
+Relative paths are taken from the truth file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from apps.cluster_spec import SpecError, spec_error
+from coordinator.settings import load_settings
+from planning.cost_model import StepCostModel
+from planning.io.lengths import AuthorsPdfs, load_authors_pdfs
+from planning.io.profiles import load_default_profiles, read_profiles
+from planning.length_dist import LengthDistribution
+from planning.profile import GpuSpec, ModelProfile, ProfileSet, UnknownModelError
+
+DEFAULT_TRUTH_SEED = 20261123  # deliberately not the planner's seed (0)
+# Every coefficient of the (linear) step cost model: scaling them all scales every latency.
+_COST_COEFFICIENTS = tuple(f.name for f in fields(StepCostModel) if f.name.startswith("c_"))
+
+
+class TruthError(ValueError):
+    """The truth cannot answer for a model (no length pmf, no profile at this tp)."""
+
+
+def _default_lengths() -> Path:
+    return load_settings().default_lengths
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """Where the simulated world's outcomes come from (see the module docstring)."""
+
+    seed: int = DEFAULT_TRUTH_SEED  # seeds every per-request length stream
+    lengths_path: Path = field(default_factory=_default_lengths)  # authors-format pmfs (JSON)
+    length_scale: Mapping[str, float] = field(default_factory=dict)  # model id -> x (default 1)
+    latency_scale: Mapping[str, float] = field(default_factory=dict)  # model id -> x (default 1)
+    profiles_path: Path | None = None  # samullm profile set; None = the shipped default
+
+
+# ------------------------------------------------------------------ truth file
+class _ModelTruth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    length_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    latency_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+
+class _TruthFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    seed: int = Field(default=DEFAULT_TRUTH_SEED, ge=0)
+    lengths: str | None = Field(default=None, min_length=1)
+    profiles: str | None = Field(default=None, min_length=1)
+    models: dict[str, _ModelTruth] = Field(default_factory=dict)
+
+
+def load_truth(path: str | Path | None) -> Truth:
+    """The truth described by ``path`` (YAML or JSON), or the default truth for None.
+
+    Raises:
+        SpecError: "<file>: <field>: <problem>" for an unreadable or invalid file, or a
+            ``lengths``/``profiles`` path that does not exist.
+    """
+    if path is None:
+        return Truth()
+    path = Path(path)
+    doc = _read_doc(path)
+    try:
+        spec = _TruthFile.model_validate({} if doc is None else doc)
+    except ValidationError as e:
+        raise spec_error(e, str(path)) from None
+    base = path.parent
+    return Truth(
+        seed=spec.seed,
+        lengths_path=_existing(base, spec.lengths, path, "lengths") or _default_lengths(),
+        length_scale={m: t.length_scale for m, t in spec.models.items()},
+        latency_scale={m: t.latency_scale for m, t in spec.models.items()},
+        profiles_path=_existing(base, spec.profiles, path, "profiles"),
+    )
+
+
+def _read_doc(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: file not found") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: invalid {path.suffix.lstrip('.') or 'YAML'}: {e}") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise SpecError(f"{path}: top level: expected a mapping, got {type(doc).__name__}")
+    return doc
+
+
+def _existing(base: Path, value: str | None, where: Path, name: str) -> Path | None:
+    if value is None:
+        return None
+    found = base / value
+    if not found.is_file():
+        raise SpecError(f"{where}: {name}: file not found: {found}")
+    return found
+
+
+# ------------------------------------------------------------------ the world
+class TruthWorld:
+    """Answers the sim engine's questions from one :class:`Truth`; build one per process.
+
+    Length pmfs and the profile set are loaded on first use and kept; profiles are cached
+    per (model, tp).
+    """
+
+    def __init__(self, truth: Truth) -> None:
+        self.truth = truth
+        self._pdfs: AuthorsPdfs | None = None
+        self._profile_set: ProfileSet | None = None
+        self._profiles: dict[tuple[str, int], ModelProfile] = {}
+        self._like: dict[str, str] = {}  # model -> model whose pmf stands in for it
+
+    # -------------------------------------------------------------- lengths
+    def length(
+        self,
+        model: str,
+        key: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        max_model_len: int,
+        ignore_eos: bool,
+    ) -> int:
+        """Tokens request ``key`` of ``model`` really generates in total (prefix included).
+
+        Deterministic per (seed, model, key). The natural length (drawn, times the model's
+        length scale, rounded) is clipped to ``[1, min(max_tokens, max_model_len -
+        prompt_tokens)]``; with ``ignore_eos`` the request runs to that cap.
+
+        Raises:
+            TruthError: no length pmf for ``model`` (not needed with ``ignore_eos``).
+        """
+        cap = max(1, min(max_tokens, max_model_len - prompt_tokens))
+        if ignore_eos:
+            return cap
+        return min(self.natural_length(model, key, prompt_tokens), cap)
+
+    def natural_length(self, model: str, key: str, prompt_tokens: int) -> int:
+        """Tokens the request would generate without any cap (at least 1)."""
+        dist = self.distribution(model)
+        digest = hashlib.sha256(f"{self.truth.seed}|{model}|{key}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+        drawn = int(dist.sample(rng, 1, prompt_len=max(prompt_tokens, 0))[0])
+        return max(1, round(drawn * self.truth.length_scale.get(model, 1.0)))
+
+    def register_like(self, model: str, like: str) -> None:
+        """Use ``like``'s pmf for ``model`` when the truth has none of its own (what the job's
+        application declared with ``lengths: like:<model>``; the draws stay the truth's own)."""
+        self._like[model] = like
+
+    def distribution(self, model: str) -> LengthDistribution:
+        """The model's output-length pmf, by id or short name (the last path component), else
+        that of the model registered with :meth:`register_like`.
+
+        Raises:
+            TruthError: no (usable) pmf; the message says how to provide one.
+        """
+        pdfs = self._lengths()
+        short = model.rstrip("/").rsplit("/", 1)[-1]
+        for name in (model, short):
+            if name in pdfs:
+                return pdfs[name]
+        if model in self._like and self._like[model] != model:
+            return self.distribution(self._like[model])
+        skipped = pdfs.skipped.get(model) or pdfs.skipped.get(short)
+        close = difflib.get_close_matches(short, list(pdfs), n=3)
+        hint = f": {skipped}" if skipped else (f" (close: {', '.join(close)})" if close else "")
+        raise TruthError(
+            f"truth: no output-length pdf for model {model!r} in {self.truth.lengths_path}{hint}; "
+            "add it to that file or point the truth file's `lengths:` at one that has it"
+        )
+
+    def _lengths(self) -> AuthorsPdfs:
+        if self._pdfs is None:
+            self._pdfs = load_authors_pdfs(self.truth.lengths_path)
+        return self._pdfs
+
+    # -------------------------------------------------------------- profiles
+    @property
+    def profile_set(self) -> ProfileSet:
+        """The truth's profile set (loaded on first use)."""
+        if self._profile_set is None:
+            path = self.truth.profiles_path
+            self._profile_set = load_default_profiles() if path is None else read_profiles(path)
+        return self._profile_set
+
+    @property
+    def gpu(self) -> GpuSpec:
+        """The GPU type every truth profile was made for."""
+        return self.profile_set.gpu
+
+    def profile(self, model: str, tp: int) -> ModelProfile:
+        """The real profile of ``model`` at ``tp``, its latencies times the latency scale.
+
+        Stored profile, else the analytic one from the set's architecture of the model.
+
+        Raises:
+            TruthError: neither is known, or vLLM would refuse ``tp`` for the model.
+        """
+        got = self._profiles.get((model, tp))
+        if got is None:
+            scale = self.truth.latency_scale.get(model, 1.0)
+            got = self._profiles[(model, tp)] = scaled_profile(self._resolve(model, tp), scale)
+        return got
+
+    def _resolve(self, model: str, tp: int) -> ModelProfile:
+        ps = self.profile_set
+        try:
+            return ps.resolve(model, tp)
+        except (UnknownModelError, ValueError) as e:
+            where = self.truth.profiles_path or "the shipped default profile set"
+            raise TruthError(
+                f"truth: no profile for model {model!r} at tp={tp} in {where}: {e}; give the "
+                "truth file a `profiles:` set with a profile or an architecture for it"
+            ) from None
+
+
+def scaled_profile(profile: ModelProfile, scale: float) -> ModelProfile:
+    """``profile`` with every step latency and its load time multiplied by ``scale``.
+
+    NOTE(truth): the step model is linear in its coefficients, so scaling them scales every
+    step latency exactly, closed-form decode runs included; ``simulate`` needs no wrapper.
+    """
+    if scale == 1.0:
+        return profile
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"latency scale must be a positive finite number, got {scale}")
+    coeffs = {name: getattr(profile.step, name) * scale for name in _COST_COEFFICIENTS}
+    step = replace(profile.step, **coeffs)
+    return replace(profile, step=step, load_time_s=profile.load_time_s * scale)
