@@ -90,10 +90,21 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def visible_devices(gpus: str, nvidia_visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a worker of ``gpus``: the host indices, except in a
+    container that exposes exactly those GPUs (``NVIDIA_VISIBLE_DEVICES``), where they are
+    renumbered from 0."""
+    if nvidia_visible is not None and nvidia_visible.replace(" ", "") == gpus.replace(" ", ""):
+        return ",".join(str(i) for i in range(len(gpus.split(","))))
+    return gpus
+
+
 def run_worker(args: argparse.Namespace) -> int:
     argv = worker_argv(args)
     if args.engine == "vllm":  # before any process of this worker can import CUDA
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(
+            args.gpus, os.environ.get("NVIDIA_VISIBLE_DEVICES")
+        )
     os.execv(sys.executable, argv)
     return 0  # not reached
 

@@ -137,6 +137,10 @@ class JobRun:
         for rec in self.tasks.values():
             if rec.status == "created":
                 self._send(rec)
+        # Inputs committed while no coordinator ran (or before it applied them) fed nothing:
+        # feed every owned request that is ready now and was never sent.
+        for key in list(self.owner):
+            self._maybe_feed(key)
 
     def _save(self, rec: TaskRec) -> None:
         self.r.hset(self.k.tasks, rec.task_id, json.dumps(asdict(rec)))

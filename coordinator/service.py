@@ -95,10 +95,11 @@ class Coordinator:
                                 block=None if pending else BLOCK_MS)  # fmt: skip
         for stream, entries in got or []:
             name = decode(stream)
-            for entry_id, fields in entries:
+            for _, fields in entries:
                 if fields:  # a pending entry already deleted by MAXLEN reads as empty
                     self._apply(name, fields)
-                self.r.xack(name, COORDINATOR_GROUP, entry_id)
+            if entries:  # acknowledged once applied (a crash before this replays them)
+                self.r.xack(name, COORDINATOR_GROUP, *[entry_id for entry_id, _ in entries])
 
     def _apply(self, stream: str, fields: dict[bytes, bytes]) -> None:
         if stream == SUBMISSIONS:

@@ -74,3 +74,11 @@ def test_bad_inline_record_names_the_record() -> None:
     doc["datasets"]["questions"] = {"path": "x.jsonl", "records": [{"prompt": "a"}]}
     with pytest.raises(SpecError, match="exactly one of 'path' and 'records'"):
         build_job(_submission(doc), load_settings().default_lengths)
+
+
+def test_worker_visible_devices_renumbered_inside_a_container() -> None:
+    from coordinator.cli_service import visible_devices
+
+    assert visible_devices("2,3", None) == "2,3"
+    assert visible_devices("2,3", "2,3") == "0,1"  # compose device reservation of 2 and 3
+    assert visible_devices("2", "all") == "2"
