@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -33,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from apps.cluster_spec import SpecError, spec_error
+from apps.cluster_spec import SpecError, _read, spec_error
 from coordinator.settings import load_settings
 from planning.cost_model import StepCostModel
 from planning.io.lengths import AuthorsPdfs, load_authors_pdfs
@@ -111,16 +109,8 @@ def load_truth(path: str | Path | None) -> Truth:
 
 
 def _read_doc(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: file not found") from None
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SpecError(f"{path}: invalid {path.suffix.lstrip('.') or 'YAML'}: {e}") from None
+    """The truth file's document (YAML or JSON, read like every spec file); a mapping or None."""
+    doc = _read(path)
     if doc is not None and not isinstance(doc, dict):
         raise SpecError(f"{path}: top level: expected a mapping, got {type(doc).__name__}")
     return doc
