@@ -19,9 +19,9 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import IO, Annotated, Any, NoReturn
+from typing import IO, Annotated, Any, Literal, NoReturn
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -74,6 +74,15 @@ class Rejection:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ModelRuntime:
+    """How the workers load one model (``models[]`` options that do not affect planning)."""
+
+    path: str  # what vLLM loads: a local folder (absolute) or a Hugging Face id
+    trust_remote_code: bool = False
+    chat_template: str = "auto"  # auto | required | off
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class LoadedApp:
     """A loaded application file."""
@@ -84,6 +93,7 @@ class LoadedApp:
     notes: Mapping[str, str]  # model id -> how its profile and lengths were chosen
     profiles: ProfileSet  # exactly the kept (model, tp) profiles; no archs, no analytic fallback
     description: str = ""
+    runtime: Mapping[str, ModelRuntime] = field(default_factory=dict)  # model id -> engine options
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +129,10 @@ class ModelSpec(_Strict):
     tp: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1)  # GPUs
     max_model_len: int | None = Field(default=None, ge=1)  # tokens
     config: str | None = Field(default=None, min_length=1)  # HF config.json, relative to the file
+    # Local folder the workers load (weights, tokenizer), relative to the file; default: ``id``
+    path: str | None = Field(default=None, min_length=1)
+    trust_remote_code: bool = False  # let vLLM run code shipped with the model
+    chat_template: Literal["auto", "required", "off"] = "auto"  # apply the tokenizer's template
 
     @field_validator("profile")
     @classmethod
@@ -325,7 +339,22 @@ def _result(
         notes={m: info.source_note for m, info in infos.items()},
         profiles=ProfileSet(ctx.profiles.gpu, kept),
         description=spec.description or "",
+        runtime={m.id: _runtime(m, ctx) for m in spec.models if m.id in infos},
     )
+
+
+def _runtime(m: ModelSpec, ctx: _Ctx) -> ModelRuntime:
+    local = _local_folder(m, ctx)
+    where = str(local.resolve()) if local is not None else m.id
+    return ModelRuntime(where, m.trust_remote_code, m.chat_template)
+
+
+def _local_folder(m: ModelSpec, ctx: _Ctx) -> Path | None:
+    """``path:``, else ``id`` when it names a local folder holding config.json, else None."""
+    if m.path is not None:
+        return ctx.base_dir / m.path
+    local = ctx.base_dir / m.id
+    return local if local.is_dir() and (local / "config.json").is_file() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,16 +482,18 @@ def _resolve_model(i: int, m: ModelSpec, limit: int, ctx: _Ctx) -> ModelInfo:
 def _arch_for(m: ModelSpec, at: str, ctx: _Ctx) -> ModelArch | None:
     """``config:``, else a local model folder's config.json, else the profile set's arch."""
     config = ctx.base_dir / m.config if m.config is not None else None
-    local = ctx.base_dir / m.id
-    if config is None and local.is_dir() and (local / "config.json").is_file():
+    local = _local_folder(m, ctx)
+    if m.path is not None and not (ctx.base_dir / m.path / "config.json").is_file():
+        raise SpecError(f"{at}.path: {ctx.base_dir / m.path}: no model folder with a config.json")
+    if config is None and local is not None:
         config = local
     if config is None:
         return ctx.profiles.archs.get(m.id)
     try:
         return read_hf_config(config)
     except ProfileError as e:
-        field = "config" if m.config is not None else "id"
-        raise SpecError(f"{at}.{field}: {e}") from None
+        which = "config" if m.config is not None else ("path" if m.path else "id")
+        raise SpecError(f"{at}.{which}: {e}") from None
 
 
 def _check_choice(m: ModelSpec, arch: ModelArch | None, at: str, ctx: _Ctx) -> None:
@@ -1035,6 +1066,8 @@ def _absolute_model(m: Any, base: Path) -> Any:
     out = dict(m)
     if isinstance(m.get("config"), str):
         out["config"] = str(base / m["config"])
+    if isinstance(m.get("path"), str):
+        out["path"] = str(base / m["path"])
     if isinstance(m.get("id"), str) and (base / m["id"] / "config.json").is_file():
         out["id"] = str(base / m["id"])
     lengths = m.get("lengths")

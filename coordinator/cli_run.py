@@ -17,8 +17,8 @@ from apps.cluster_spec import SpecError, load_cluster
 from coordinator.cli_service import BROKER_ENV
 from coordinator.messages import JobOptions
 from coordinator.settings import load_settings
+from planning.estimate import serving_for
 from planning.io.lengths import load_authors_pdfs
-from planning.io.profiles import load_default_profiles
 
 PLAN_TIMEOUT_S = 300.0  # s to wait for the coordinator's plan
 
@@ -40,28 +40,39 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="run our plan or a baseline's")
     p.add_argument("--json", action="store_true", help="end with one JSON object, no bars")
     p.add_argument("--log-dir", type=Path, help="keep coordinator and worker logs here")
+    p.add_argument("--profiles", type=Path,
+                   help="profile file (samullm profile); default: the shipped A100 set")
+    p.add_argument("--engine", choices=("auto", "sim", "vllm"), default="auto",
+                   help="local workers: sim (virtual GPUs) or vllm (real engines); auto: vllm "
+                        "when the cluster's devices are CPU, else sim")
     p.set_defaults(func=run)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, run, export, summarise."""
+    from coordinator.client import load_profiles_doc
     from coordinator.local import RunRequest
 
     if args.time_scale <= 0:
         print("samullm run: --time-scale: must be > 0", file=sys.stderr)
         return 2
     try:
+        _, profiles = load_profiles_doc(args.profiles)
         cluster = load_cluster(args.cluster)
         pdfs = load_authors_pdfs(load_settings().default_lengths)
-        load_app(args.app, cluster=cluster, profiles=load_default_profiles(), authors_pdfs=pdfs)
+        load_app(args.app, cluster=cluster, profiles=profiles, authors_pdfs=pdfs,
+                 serving=serving_for(profiles.gpu.name))  # fmt: skip
     except SpecError as e:
         print(f"samullm run: {e}", file=sys.stderr)
         return 2
+    engine = args.engine
+    if engine == "auto":
+        engine = "vllm" if {n.gpu for n in cluster.nodes} == {"CPU"} else "sim"
     req = RunRequest(
         app=args.app, cluster=args.cluster,
         options=JobOptions(draws=args.draws, seed=args.seed, method=args.method),
         time_scale=args.time_scale, out=args.out, broker=args.broker, live=not args.json
-        and sys.stderr.isatty(), log_dir=args.log_dir,
+        and sys.stderr.isatty(), log_dir=args.log_dir, profiles=args.profiles, engine=engine,
     )  # fmt: skip
     summary = _execute(req)
     if args.json:
@@ -77,16 +88,20 @@ def _execute(req: Any) -> dict[str, Any]:
 
     t0 = time.monotonic()
     if req.broker:
-        job = Client(req.broker).submit(req.app, cluster=req.cluster, options=req.options)
+        job = Client(req.broker).submit(
+            req.app, cluster=req.cluster, options=req.options, profiles=req.profiles
+        )
         try:
             st = follow(job, req.live)
         except JobFailed as e:
             return {"job_id": job.id, "status": "failed", "error": str(e)}
         return _summary(job, st, req, time.monotonic() - t0)
     with local_stack(req) as (url, procs):
-        job = Client(url).submit(req.app, cluster=req.cluster, options=req.options)
+        job = Client(url).submit(
+            req.app, cluster=req.cluster, options=req.options, profiles=req.profiles
+        )
         try:
-            start_workers(job, procs, url, req.time_scale, PLAN_TIMEOUT_S)
+            start_workers(job, procs, url, req, PLAN_TIMEOUT_S)
             st = follow(job, req.live)
         except (JobFailed, RuntimeError, TimeoutError) as e:
             return {"job_id": job.id, "status": "failed", "error": str(e)}
@@ -107,10 +122,13 @@ def _summary(job: Any, st: dict[str, Any], req: Any, wall: float) -> dict[str, A
         "requests_failed": st.get("requests_failed", 0), "rejected": st.get("rejected", 0),
         "plan_seconds": st.get("plan_seconds"), "time_scale": st.get("time_scale"),
         "wall_s": wall, "results": str(out), "units": job.progress(), "plan": job.plan(),
+        "planned_vs_actual": job.planned_vs_actual(),
     }  # fmt: skip
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    from coordinator.accuracy import format_table
+
     if s["status"] != "done":
         print(f"job {s['job_id']} failed: {s.get('error')}", file=sys.stderr)
         return
@@ -130,3 +148,5 @@ def _print_summary(s: dict[str, Any]) -> None:
     for name, u in s["units"].items():
         print(f"  {name:<32} {u['model']:<40} {u['done']:>6}/{u['total']:<6}"
               f" {u['tokens_per_s']:>8.0f} tok/s")  # fmt: skip
+    if s.get("planned_vs_actual"):
+        print("\n".join(format_table(s["planned_vs_actual"])))

@@ -37,12 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="sim engine: real seconds per simulated second")  # fmt: skip
     p.add_argument("--truth", help="sim engine: truth file (docs/runtime.md)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="vllm engine: CUDA GPUs, or CPU cores as devices (docs/real-vllm.md)")
+    p.add_argument("--cores-per-device", type=int, default=1, help="vllm on cpu: cores each")
     p.add_argument("--loglevel", default="INFO")
     _broker(p)
     p.set_defaults(func=run_worker)
     p = sub.add_parser("submit", help="submit an application to a running samullm")
     p.add_argument("app", type=Path)
     p.add_argument("--cluster", type=Path, required=True)
+    p.add_argument("--profiles", type=Path, help="profile file (default: the shipped A100 set)")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="samullm",
@@ -82,7 +86,8 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
     """The ``python -m workers.main`` command line of ``samullm worker``."""
     argv = [sys.executable, "-m", "workers.main", "--gpus", args.gpus, "--engine", args.engine,
             "--broker", _need_broker(args), "--time-scale", str(args.time_scale),
-            "--loglevel", args.loglevel]  # fmt: skip
+            "--loglevel", args.loglevel, "--device", args.device,
+            "--cores-per-device", str(args.cores_per_device)]  # fmt: skip
     if args.node:
         argv += ["--node", args.node]
     if args.truth:
@@ -114,7 +119,9 @@ def run_submit(args: argparse.Namespace) -> int:
 
     opts = JobOptions(draws=args.draws, seed=args.seed, method=args.method)
     try:
-        job = Client(_need_broker(args)).submit(args.app, cluster=args.cluster, options=opts)
+        job = Client(_need_broker(args)).submit(
+            args.app, cluster=args.cluster, options=opts, profiles=args.profiles
+        )
     except SpecError as e:
         print(f"samullm submit: {e}", file=sys.stderr)
         return 2
@@ -130,6 +137,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from coordinator.accuracy import format_table
     from coordinator.client import Client
 
     try:
@@ -149,6 +157,9 @@ def run_status(args: argparse.Namespace) -> int:
     for name, u in prog.items():
         print(f"  {name:<30} {u['done']:>6}/{u['total']:<6} {u['tokens_per_s']:>9.0f} tok/s"
               f"  eta {u['eta_s']:.0f} s")  # fmt: skip
+    pva = st.get("planned_vs_actual")
+    if isinstance(pva, dict):
+        print("\n".join(format_table(pva)))
     if st.get("error"):
         print(f"  error: {st['error']}")
     return 0

@@ -25,12 +25,14 @@ from typing import Any
 import redis
 
 from apps.app_spec import load_app, self_contained
-from apps.cluster_spec import _read, load_cluster
+from apps.cluster_spec import SpecError, _read, load_cluster
 from coordinator.messages import JobOptions, JobSubmission, RequestOutput
 from coordinator.settings import load_settings
 from coordinator.store import JOBS, SUBMISSIONS, JobKeys, connect, decode
+from planning.estimate import serving_for
 from planning.io.lengths import load_authors_pdfs
-from planning.io.profiles import load_default_profiles
+from planning.io.profiles import ProfileError, load_default_profiles, read_profiles
+from planning.profile import ProfileSet
 
 TERMINAL = ("done", "failed")
 
@@ -64,6 +66,18 @@ class Job:
     def plan(self) -> dict[str, Any] | None:
         """The plan the coordinator runs (None until planned)."""
         raw = self.r.get(self.keys.plan)
+        return json.loads(raw) if raw else None
+
+    def planned_vs_actual(self) -> dict[str, Any] | None:
+        """Planned vs actual times, per model and for the job (None until the job runs).
+
+        The document of :meth:`coordinator.accuracy.PlannedVsActual.to_dict`: ``final``
+        (false while the job runs: actual so far), ``time_scale``, ``job`` (``planned_p50_s``,
+        ``planned_p90_s``, ``actual_s``, ``error_pct``, ``error_p90_pct``) and ``models`` (per
+        model: ``planned_start_s``, ``planned_end_s``, ``actual_start_s``, ``actual_end_s``,
+        ``finished``, ``error_pct``); docs/runtime.md, "Planned vs actual".
+        """
+        raw = self.r.hget(self.keys.state, "planned_vs_actual")
         return json.loads(raw) if raw else None
 
     def wait(self, timeout: float | None = None, poll_s: float = 0.2) -> dict[str, Any]:
@@ -112,6 +126,23 @@ class Job:
                 return
 
 
+def load_profiles_doc(path: str | Path | None) -> tuple[dict[str, Any] | None, ProfileSet]:
+    """A profile file's document (what a submission carries) and its profile set; the shipped
+    A100 set when ``path`` is None.
+
+    Raises:
+        SpecError: the file cannot be read or is not a valid profile file (names the file).
+    """
+    if path is None:
+        return None, load_default_profiles()
+    try:
+        ps = read_profiles(path)
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ProfileError, OSError, ValueError) as e:
+        raise SpecError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+    return doc, ps
+
+
 class Client:
     """Connection to a samullm deployment (its Redis)."""
 
@@ -120,20 +151,31 @@ class Client:
         self.r = connect(url)
 
     def submit(
-        self, app: str | Path, *, cluster: str | Path, options: JobOptions | None = None
+        self,
+        app: str | Path,
+        *,
+        cluster: str | Path,
+        options: JobOptions | None = None,
+        profiles: str | Path | None = None,
     ) -> Job:
         """Validate ``app`` on ``cluster`` here, then submit it.
 
+        ``profiles`` is a profile file (``samullm profile`` / ``fit-profile``) that replaces the
+        shipped A100 set, e.g. for CPU devices.
+
         Raises:
-            apps.cluster_spec.SpecError: a bad application or cluster file (nothing submitted).
+            apps.cluster_spec.SpecError: a bad application, cluster or profile file (nothing
+                submitted).
         """
+        doc_profiles, ps = load_profiles_doc(profiles)
         cl = load_cluster(cluster)
         pdfs = load_authors_pdfs(load_settings().default_lengths)
-        load_app(app, cluster=cl, profiles=load_default_profiles(), authors_pdfs=pdfs)
+        load_app(app, cluster=cl, profiles=ps, authors_pdfs=pdfs, serving=serving_for(ps.gpu.name))
         doc = self_contained(app)
         sub = JobSubmission(
             job_id=uuid.uuid4().hex[:12], name=str(doc.get("name") or Path(app).stem), app=doc,
-            cluster=_read(Path(cluster)), options=options or JobOptions(), submitted_at=time.time(),
+            cluster=_read(Path(cluster)), profiles=doc_profiles, options=options or JobOptions(),
+            submitted_at=time.time(),
         )  # fmt: skip
         return self.submit_document(sub)
 

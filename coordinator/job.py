@@ -8,18 +8,19 @@ which task owns what) lives in Redis and in :mod:`coordinator.service`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from apps.app_spec import LoadedApp, parse_app
-from apps.cluster_spec import parse_cluster
+from apps.app_spec import LoadedApp, ModelRuntime, parse_app
+from apps.cluster_spec import SpecError, parse_cluster
 from coordinator.messages import EngineSpec, JobSubmission, SamplingParams
 from planning.cluster import Cluster, GpuGroup
-from planning.estimate import ServingConfig
+from planning.estimate import ServingConfig, serving_for
 from planning.io.lengths import load_authors_pdfs
-from planning.io.profiles import load_default_profiles
+from planning.io.profiles import ProfileError, load_default_profiles, profiles_from_json
 from planning.plan import Plan
 from planning.planner import PlanEstimate, PlannerConfig, plan_app
 from planning.workload import Unit
@@ -67,12 +68,27 @@ class JobModel:
         return tuple(sorted(self.loaded.graph.models[self.model(unit)].profiles))
 
     def engine(self, unit: int, tp: int) -> EngineSpec:
-        """Engine settings of the unit's model on a group of ``tp`` GPUs."""
-        s = self.serving
+        """Engine settings of the unit's model on a group of ``tp`` GPUs.
+
+        The engine loads the model's ``path`` (a local folder or the HF id). On CPU devices the
+        KV pool is the planned one (``num_kv_blocks``), so the engine batches as simulated.
+        """
+        s, model = self.serving, self.model(unit)
+        rt = self.loaded.runtime.get(model) or ModelRuntime(model)
+        profile = self.loaded.graph.models[model].profiles[tp]
+        gpu = self.loaded.profiles.gpu
+        blocks = None
+        if gpu.name == "CPU":
+            blocks = profile.kv_capacity_blocks(
+                gpu.memory_bytes, s.gpu_memory_utilization, s.block_size
+            )
         return EngineSpec(
-            model=self.model(unit), tp=tp, max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len,
-            gpu_memory_utilization=s.gpu_memory_utilization,
+            model=model, path=rt.path, tp=tp, max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            max_model_len=min(profile.max_model_len, s.max_model_len or profile.max_model_len),
+            gpu_memory_utilization=s.gpu_memory_utilization, block_size=s.block_size,
+            num_kv_blocks=blocks, trust_remote_code=rt.trust_remote_code,
+            chat_template=rt.chat_template,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def keep_loaded(self, k: int, group: GpuGroup) -> bool:
@@ -103,9 +119,15 @@ def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
         apps.cluster_spec.SpecError: the application or cluster document is invalid.
     """
     cluster = parse_cluster(sub.cluster, f"{sub.name} (cluster)")
-    serving = ServingConfig()
+    profiles = load_default_profiles()
+    if sub.profiles is not None:
+        try:
+            profiles = profiles_from_json(json.dumps(sub.profiles), f"{sub.name} (profiles)")
+        except ProfileError as e:
+            raise SpecError(str(e)) from None
+    serving = serving_for(profiles.gpu.name)
     loaded = parse_app(
-        sub.app, sub.name, "/", cluster=cluster, profiles=load_default_profiles(),
+        sub.app, sub.name, "/", cluster=cluster, profiles=profiles,
         authors_pdfs=load_authors_pdfs(shared_lengths), serving=serving,
     )  # fmt: skip
     t0 = time.perf_counter()

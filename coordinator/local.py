@@ -41,6 +41,8 @@ class RunRequest:
     broker: str | None  # submit to running services instead of starting them
     live: bool  # draw the progress bars
     log_dir: Path | None  # where worker and coordinator logs go (a temp folder if None)
+    profiles: Path | None = None  # profile file; None = the shipped A100 set
+    engine: str = "sim"  # local workers' engine: sim | vllm
 
 
 class _Procs:
@@ -86,14 +88,14 @@ def local_stack(req: RunRequest) -> Iterator[tuple[str, _Procs]]:
         yield redis.url, procs
 
 
-def start_workers(job: Job, procs: _Procs, url: str, time_scale: float, timeout: float) -> int:
-    """One sim worker per GPU group of the job's plan; returns how many."""
+def start_workers(job: Job, procs: _Procs, url: str, req: RunRequest, timeout: float) -> int:
+    """One worker per GPU group of the job's plan (``req.engine``); returns how many."""
     plan = _wait_plan(job, timeout)
     groups = {(g["node"], tuple(g["gpus"])) for a in plan["assignments"] for g in a["gpu_groups"]}
     for node, gpus in sorted(groups):
         name = f"worker-{node}-gpu{'_'.join(map(str, gpus))}"
         procs.start(name, _cli("worker", "--gpus", ",".join(map(str, gpus)), "--node", node,
-                               "--engine", "sim", "--time-scale", str(time_scale),
+                               "--engine", req.engine, "--time-scale", str(req.time_scale),
                                "--broker", url, "--loglevel", "WARNING"))  # fmt: skip
     return len(groups)
 

@@ -75,13 +75,19 @@ class SkipItem(Message):
 class EngineSpec(Message):
     """Engine configuration of a stage task (the same config may stay loaded across tasks)."""
 
-    model: str = Field(min_length=1)  # Hugging Face id or local folder
+    model: str = Field(min_length=1)  # the application's model id (profiles, lengths, truth)
     tp: int = Field(ge=1)  # GPUs of the group (tensor parallel)
+    path: str | None = None  # what vLLM loads (local folder or HF id); None = ``model``
     max_num_seqs: int = Field(default=256, ge=1)  # sequences per step
     max_num_batched_tokens: int = Field(default=8192, ge=1)  # tokens per step
     max_model_len: int | None = Field(default=None, ge=1)  # tokens; None = the model's
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # fraction
     dtype: str = "auto"
+    block_size: int = Field(default=16, ge=1)  # tokens per KV block
+    num_kv_blocks: int | None = Field(default=None, ge=2)  # KV pool (CPU devices); None = vLLM's
+    trust_remote_code: bool = False  # only when the application allows it for this model
+    chat_template: Literal["auto", "required", "off"] = "auto"
+    seed: int = Field(default=0, ge=0)  # sampling seed of the engine
 
 
 class GroupRef(Message):
@@ -146,7 +152,7 @@ class StageResult(Message):
     unfinished: tuple[Partial, ...] = ()  # status "stopped": what is left, with prefixes
     error: str | None = None  # status "failed": why
     engine_s: float = Field(default=0.0, ge=0)  # engine clock (simulated s on sim workers)
-    load_s: float = Field(default=0.0, ge=0)  # engine clock spent loading
+    load_s: float = Field(default=0.0, ge=0)  # engine clock this task spent loading (0: reused)
     wall_s: float = Field(default=0.0, ge=0)  # real seconds
     reason: str | None = None  # status "stopped": the control's reason or "deadline"
 
@@ -205,6 +211,8 @@ class JobSubmission(Message):
     name: str
     app: dict[str, Any]  # the application document (docs/app-spec.md) with inline records
     cluster: dict[str, Any]  # the cluster document
+    # A profile file's document (planning.io.profiles format); None = the shipped A100 set
+    profiles: dict[str, Any] | None = None
     options: JobOptions = JobOptions()
     submitted_at: float  # unix s
 

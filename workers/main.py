@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-scale", type=float, default=1.0, help="sim: real s per simulated s")
     p.add_argument("--truth", default=None, help="sim: truth file (docs/runtime.md)")
     p.add_argument("--visibility-timeout", type=float, default=DEFAULT_VISIBILITY_S)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="vllm: CUDA GPUs or CPU cores as devices (auto: cuda if a driver is there)")
+    p.add_argument("--cores-per-device", type=int, default=1, help="vllm on cpu: cores per device")
     p.add_argument("--loglevel", default="INFO")
     args = p.parse_args(argv)
     try:
@@ -73,9 +76,21 @@ def _heartbeat(args: argparse.Namespace, queue: str, stop: threading.Event) -> N
 def main(argv: Sequence[str] | None = None) -> None:
     """Start the heartbeat and the Celery worker of one GPU group."""
     args = parse_args(argv)
-    if args.engine == "vllm":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in args.gpus)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(message)s")
+    if args.engine == "vllm":
+        from workers import devices
+
+        try:
+            placement = devices.place(args.gpus, args.device, args.cores_per_device)
+        except ValueError as e:
+            raise SystemExit(f"samullm worker: {e}") from None
+        devices.apply(placement)
+        logging.getLogger(__name__).info("vLLM worker placement: %s", placement)
+        # Import vLLM (5-7 s) before announcing the worker, so the first stage's time is the
+        # engine load the planner expects, not the import.
+        from workers.engines.vllm_engine import preload
+
+        preload()
     from workers import celery_app
     from workers.engines.cache import EngineCache
     from workers.engines.factory import build_engine

@@ -43,7 +43,8 @@ def engine_key(task: StageTask) -> EngineKey:
     e = task.engine
     return EngineKey(
         e.model, e.tp, e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len,
-        e.gpu_memory_utilization, e.dtype,
+        e.gpu_memory_utilization, e.dtype, e.block_size, e.num_kv_blocks, e.trust_remote_code,
+        e.chat_template, e.seed, e.path,
     )  # fmt: skip
 
 
@@ -95,14 +96,14 @@ def run_stage(
         return _publish(ledger, _result(task, queue, "cancelled", t0, now))
     ledger.event("started", task.task_id, queue=queue, at=repr(time.time()))
     try:
-        engine, _ = engines.get(engine_key(task))
+        engine, loaded = engines.get(engine_key(task))
     except Exception as e:  # noqa: BLE001 - any load failure is reported in the result
         log.exception("engine load failed for task %s", task.task_id)
         res = _result(task, queue, "failed", t0, now, error=f"engine load failed: {e}")
         res = res.model_copy(update={"unfinished": tuple(_partials_of(task.requests))})
         return _publish(ledger, res)
     run = _Run(task, engine, ledger, queue, left=task.expected, last_emit=now())
-    load_s = engine.load_s
+    load_s = engine.load_s if loaded else 0.0  # a reused engine cost this task no load
     try:
         _add(run, list(task.requests))
         stop = _loop(run, t0, now)

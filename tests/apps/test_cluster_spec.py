@@ -56,7 +56,7 @@ NODE = "{name: n0, gpu: A100-80GB, num_gpus: 4, island_size: 4}"
         ("nodes:\n  - {name: n0, gpu: A100-80GB, island_size: 1}\n",
          "nodes[0].num_gpus", "required"),
         ("nodes:\n  - {name: n0, gpu: V100, num_gpus: 4, island_size: 4}\n",
-         "nodes[0].gpu", "A100-80GB, H100-80GB, H200-141GB"),
+         "nodes[0].gpu", "A100-80GB, CPU, H100-80GB, H200-141GB"),
         ("nodes:\n  - " + NODE + "\n  - {name: n1, gpu: A100-80GB, num_gpus: 4,"
          " nvlink_islands: [[0, 1], [2]]}\n",
          "nodes[1].nvlink_islands", "missing [3]"),

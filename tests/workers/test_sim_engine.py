@@ -19,6 +19,7 @@ from workers.engines.base import EngineKey, EngineRequest, StepUpdate
 from workers.engines.cache import EngineCache
 from workers.engines.factory import build_engine
 from workers.engines.sim_engine import SimEngine
+from workers.engines.vllm_engine import ModelFolderError
 from workers.truth import DEFAULT_TRUTH_SEED, Truth, TruthError, TruthWorld, load_truth
 
 LENGTHS = Path(__file__).resolve().parents[3] / "shared" / "data" / "output_length_pdfs.json"
@@ -279,13 +280,22 @@ def test_bad_requests_and_closed_engine(world: TruthWorld) -> None:
 
 
 # ------------------------------------------------------------------ factory and cache
-def test_factory_builds_sim_and_defers_vllm(world: TruthWorld) -> None:
+def test_factory_builds_sim_and_checks_vllm_models_first(
+    world: TruthWorld, tmp_path: Path
+) -> None:
     engine = build_engine("sim", KEY, truth=world, time_scale=0.0)
     assert isinstance(engine, SimEngine)
     with pytest.raises(ValueError, match="truth"):
         build_engine("sim", KEY, truth=None, time_scale=0.0)
-    with pytest.raises(NotImplementedError, match="issue 5"):
-        build_engine("vllm", KEY, truth=None, time_scale=1.0)
+    # The vLLM engine checks a local model folder before vLLM is even imported.
+    missing = replace(KEY, path=str(tmp_path / "nope"))
+    with pytest.raises(ModelFolderError, match="nope: no such folder"):
+        build_engine("vllm", missing, truth=None, time_scale=1.0)
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    encoder = replace(KEY, path=str(tmp_path / "enc"))
+    with pytest.raises(ModelFolderError, match="not a causal language model"):
+        build_engine("vllm", encoder, truth=None, time_scale=1.0)
 
 
 class _FakeEngine:

