@@ -24,6 +24,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from apps.cluster_spec import SpecError
+from coordinator.accuracy import Marks, PlannedSlot, planned_vs_actual
 from coordinator.eta import Pending, unit_remaining_s
 from coordinator.job import JobModel, build_job
 from coordinator.messages import JobSubmission, WorkerInfo, celery_config
@@ -68,6 +69,8 @@ class Coordinator:
         self.shared_lengths = shared_lengths
         self.name = name
         self.runs: dict[str, JobRun] = {}
+        self.marks: dict[str, dict[str, Marks]] = {}  # job -> model -> first start, last commit
+        self._dirty: set[str] = set()  # jobs whose marks are not stored yet
         self.rng = np.random.default_rng(0)
         self._last_summary = 0.0
 
@@ -99,6 +102,7 @@ class Coordinator:
                 if fields:  # a pending entry already deleted by MAXLEN reads as empty
                     self._apply(name, fields)
             if entries:  # acknowledged once applied (a crash before this replays them)
+                self._store_marks()
                 self.r.xack(name, COORDINATOR_GROUP, *[entry_id for entry_id, _ in entries])
 
     def _apply(self, stream: str, fields: dict[bytes, bytes]) -> None:
@@ -112,7 +116,9 @@ class Coordinator:
         if stream.endswith(":progress"):
             run.on_progress(fields)
         else:
+            n_done = len(run.done)
             run.on_event(fields)
+            self._mark(run, fields, fresh_commit=len(run.done) > n_done)
 
     def _tick(self) -> None:
         workers = read_workers(self.r)
@@ -126,6 +132,8 @@ class Coordinator:
             self._last_summary = time.time()
             for run in self.runs.values():
                 self._summarise(run, workers)
+                self.r.hset(run.k.state, "planned_vs_actual",
+                            json.dumps(self._accuracy(run, workers, None)))  # fmt: skip
 
     # ------------------------------------------------------------------ jobs
     def _accept(self, job_id: str) -> None:
@@ -169,6 +177,8 @@ class Coordinator:
         ensure_group(self.r, k.progress)
         run = JobRun(self.r, self.celery, job)
         run.load()
+        raw = json.loads(self.r.hget(k.state, "model_marks") or b"{}")
+        self.marks[job.job_id] = {m: Marks(*v) for m, v in raw.items()}
         self.runs[job.job_id] = run
         self._read_job_pending(k)
 
@@ -178,6 +188,7 @@ class Coordinator:
             for entry_id, fields in entries:
                 if fields:
                     self._apply(decode(stream), fields)
+                self._store_marks()
                 self.r.xack(decode(stream), COORDINATOR_GROUP, entry_id)
 
     def _resume(self) -> None:
@@ -202,10 +213,63 @@ class Coordinator:
             "status": "done", "finished_at": time.time(), "actual_makespan_s": actual,
             "time_scale": scale, "outputs_committed": len(run.done),
             "requests_failed": len(run.failed), "stats": json.dumps(stats),
+            "planned_vs_actual": json.dumps(self._accuracy(run, workers, actual)),
         })  # fmt: skip
+        self.marks.pop(run.job.job_id, None)
         self._summarise(run, workers)
         self.r.xadd(k.events, {"type": "job", "data": "done"})
         log.info("job %s done: %d outputs, %.1f s", run.job.job_id, len(run.done), actual)
+
+    # ------------------------------------------------------------------ planned vs actual
+    def _mark(self, run: JobRun, fields: dict[bytes, bytes], *, fresh_commit: bool) -> None:
+        """Note a model's first task start or a new commit, on the job makespan's clock."""
+        kind = decode(fields.get(b"type", b""))
+        if kind == "commit" and fresh_commit:
+            unit = run.job.reqs[json.loads(fields[b"data"])["key"]].unit
+        elif kind == "started" and (rec := run.tasks.get(decode(fields[b"data"]))) is not None:
+            unit = rec.unit
+        else:
+            return
+        marks = self.marks.setdefault(run.job.job_id, {})
+        model = run.job.model(unit)
+        old = marks.get(model, Marks())
+        if kind == "commit":  # JobRun has just set t_last_commit for it
+            marks[model] = Marks(old.start_at, run.t_last_commit)
+        elif not old.start_at:  # the first start, taken as JobRun takes t_start
+            marks[model] = Marks(float(fields.get(b"at", b"0")) or run.now(), old.end_at)
+        else:
+            return
+        self._dirty.add(run.job.job_id)
+
+    def _store_marks(self) -> None:
+        """Persist changed marks before the entries that changed them are acknowledged."""
+        for job_id in self._dirty:
+            if job_id not in self.marks:  # finished meanwhile: its final record is stored
+                continue
+            doc = {m: [v.start_at, v.end_at] for m, v in self.marks[job_id].items()}
+            self.r.hset(JobKeys(job_id).state, "model_marks", json.dumps(doc))
+        self._dirty.clear()
+
+    def _accuracy(
+        self, run: JobRun, workers: dict[str, WorkerInfo], actual: float | None
+    ) -> dict[str, Any]:
+        """The ``planned_vs_actual`` document (coordinator/accuracy.py) of ``run``."""
+        job = run.job
+        timeline = job.estimate.timeline
+        slots = [
+            PlannedSlot(job.model(a.unit), timeline.start[i], timeline.end[i])
+            for i, a in enumerate(job.plan.assignments)
+        ]  # fmt: skip
+        finished = {job.model(u) for u in range(len(job.units))}
+        for u, keys in enumerate(job.unit_keys):
+            if any(key not in run.done and key not in run.failed for key in keys):
+                finished.discard(job.model(u))
+        rec = planned_vs_actual(
+            slots, self.marks.get(job.job_id, {}), finished, t0=run.t_start,
+            scale=_time_scale(run, workers), p50=job.estimate.p50, p90=job.estimate.p90,
+            actual=actual,
+        )  # fmt: skip
+        return rec.to_dict()
 
     def _summarise(self, run: JobRun, workers: dict[str, WorkerInfo]) -> None:
         """Per-unit progress and ETA (engine seconds) for clients."""
