@@ -2,19 +2,20 @@
 
 ``samullm worker`` execs this module with ``CUDA_VISIBLE_DEVICES`` already set to the group's
 GPUs, so nothing here (or in vLLM, imported lazily by the engine) can see other devices. The
-process announces itself in ``samullm:workers`` with a heartbeat thread, then runs a Celery worker
-with the solo pool on exactly its group's queue (``samullm.<node>.gpu<range>``).
+process announces itself in ``samullm:workers`` from a forked heartbeat process, then runs a
+Celery worker with the solo pool on exactly its group's queue (``samullm.<node>.gpu<range>``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import socket
-import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from coordinator.messages import WorkerInfo, celery_config
 from coordinator.store import WORKERS, connect
@@ -54,14 +55,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _heartbeat(args: argparse.Namespace, queue: str, stop: threading.Event) -> None:
-    """Refresh this worker's :class:`WorkerInfo` every HEARTBEAT_S until ``stop``."""
+def _heartbeat(args: argparse.Namespace, queue: str, ready: Any, stop: Any) -> None:
+    """Refresh the worker's :class:`WorkerInfo` every HEARTBEAT_S, from a forked child process.
+
+    A process of its own, so a worker busy in Python (an engine load, a long step) never misses a
+    beat for want of the GIL. It waits for ``ready`` (the worker can take tasks), stops with
+    ``stop`` (removing the entry) and exits on its own when the worker dies (the beat stops, the
+    coordinator sees the worker lost).
+    """
+    worker_pid = os.getppid()
     r = connect(args.broker)
+    while not ready.wait(HEARTBEAT_S):
+        if os.getppid() != worker_pid:
+            return
     started = time.time()
     while not stop.is_set():
+        if os.getppid() != worker_pid:  # the worker died (SIGKILL): no goodbye
+            return
         info = WorkerInfo(
             queue=queue, node=args.node, gpus=args.gpus, engine=args.engine,
-            host=socket.gethostname(), pid=os.getpid(), started_at=started,
+            host=socket.gethostname(), pid=worker_pid, started_at=started,
             heartbeat_at=time.time(),
             time_scale=args.time_scale if args.engine == "sim" else None,
         )  # fmt: skip
@@ -77,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Start the heartbeat and the Celery worker of one GPU group."""
     args = parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(message)s")
+    queue = queue_name(args.node, args.gpus)
+    # Forked now, before torch or vLLM is imported (neither survives a fork well).
+    ctx = multiprocessing.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    beat = ctx.Process(target=_heartbeat, args=(args, queue, ready, stop), daemon=True)
+    beat.start()
     if args.engine == "vllm":
         from workers import devices
 
@@ -96,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from workers.engines.factory import build_engine
     from workers.truth import TruthWorld, load_truth
 
-    queue = queue_name(args.node, args.gpus)
     truth = TruthWorld(load_truth(args.truth)) if args.engine == "sim" else None
 
     def builder(key):  # type: ignore[no-untyped-def]
@@ -105,9 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = celery_app.WorkerState(queue, args.broker, EngineCache(builder), truth)
     config = celery_config(args.broker, visibility_timeout_s=args.visibility_timeout)
     celery_app.configure(state, config)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(args, queue, stop), daemon=True)
-    beat.start()
+    ready.set()
     try:
         celery_app.app.worker_main([
             "worker", "-Q", queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
@@ -116,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         stop.set()
         beat.join(timeout=2 * HEARTBEAT_S)
+        if beat.is_alive():
+            beat.kill()
 
 
 if __name__ == "__main__":
