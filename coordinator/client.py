@@ -31,7 +31,7 @@ from coordinator.settings import load_settings
 from coordinator.store import JOBS, SUBMISSIONS, JobKeys, connect, decode
 from planning.estimate import serving_for
 from planning.io.lengths import load_authors_pdfs
-from planning.io.profiles import ProfileError, load_default_profiles, read_profiles
+from planning.io.profiles import ProfileError, load_default_profiles, profiles_from_json
 from planning.profile import ProfileSet
 
 TERMINAL = ("done", "failed")
@@ -136,11 +136,10 @@ def load_profiles_doc(path: str | Path | None) -> tuple[dict[str, Any] | None, P
     if path is None:
         return None, load_default_profiles()
     try:
-        ps = read_profiles(path)
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        return json.loads(text), profiles_from_json(text, str(path))
     except (ProfileError, OSError, ValueError) as e:
         raise SpecError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
-    return doc, ps
 
 
 class Client:

@@ -1,16 +1,19 @@
 """``samullm run``: the whole stack on one machine, or a job submitted to running services.
 
 Without ``--broker`` it starts a private ``redis-server`` on a free loopback port, the
-coordinator, and, once the plan is known, one sim worker per GPU group the plan uses (virtual
-GPUs; the vLLM stage engine is not wired yet), then follows the job, writes the results and tears
-everything down. With ``--broker`` it submits to the services already running there. Either way
-it shows live progress (a bar per unit with tokens/s and the revised ETA) and ends with planned
-vs actual makespan.
+coordinator, and, once the plan is known, one worker per GPU group the plan uses (sim engines on
+virtual GPUs, or vLLM engines on CPU devices), then follows the job, writes the results and tears
+everything down; if ``samullm run`` itself is killed, the kernel kills the coordinator and the
+workers with it (``PR_SET_PDEATHSIG``), so no worker keeps retrying a Redis that is gone. With
+``--broker`` it submits to the services already running there. Either way it shows live
+progress (a bar per unit with tokens/s and the revised ETA) and ends with planned vs actual
+makespan.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -27,6 +30,13 @@ from coordinator.messages import JobOptions
 from coordinator.redis_server import RedisServer
 
 STOP_WAIT_S = 3.0  # s a process gets to exit after SIGTERM
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn`` of the stack's children: SIGKILL them when ``samullm run`` dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +65,8 @@ class _Procs:
     def start(self, name: str, argv: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
         self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))  # fmt: skip
+                                           start_new_session=True,
+                                           preexec_fn=_die_with_parent))  # fmt: skip
 
     def stop(self) -> None:
         for p in self.procs:
