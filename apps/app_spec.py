@@ -12,26 +12,27 @@ names the field path, e.g. ``ensemble.yaml: nodes[2].model: unknown model 'x' (n
 
 from __future__ import annotations
 
-import csv
 import difflib
 import heapq
-import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import IO, Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from apps.chunking import Tokenizer, cached_tokenizer, load_tokenizer
 from apps.cluster_spec import SpecError, _read, spec_error
-from apps.tokens import estimate_tokens
+from apps.datasets import Dataset, raw_lines, read_dataset
+from apps.expand import Draft, Env, expand_all, rule_labels
+from apps.prompts import parse_template
+from apps.requests import CallPrompt, node_of
 from planning.cluster import Cluster, fits_in_memory
 from planning.estimate import ServingConfig, engine_for
 from planning.graph import AppGraph, Dep, LlmCall, ModelInfo
-from planning.io.files import open_text
 from planning.io.lengths import LengthDataError, load_distribution
 from planning.io.profiles import ProfileError, read_hf_config
 from planning.length_dist import LengthDistribution
@@ -44,8 +45,6 @@ from planning.profile import (
 )
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-_INT_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
-_FORMATS = (".csv", ".jsonl", ".json")
 DEFAULT_SERVING = ServingConfig()  # vLLM's defaults
 GIB = 2**30  # B per GiB
 
@@ -94,6 +93,16 @@ class LoadedApp:
     profiles: ProfileSet  # exactly the kept (model, tp) profiles; no archs, no analytic fallback
     description: str = ""
     runtime: Mapping[str, ModelRuntime] = field(default_factory=dict)  # model id -> engine options
+    prompts: Mapping[str, CallPrompt] = field(default_factory=dict)  # call -> prompt building
+    # the calls that run: ``graph`` with every candidate of a router-decided route (the planner
+    # gets ``graph``, where each row is under its estimated label); None = ``graph``
+    run_graph: AppGraph | None = None
+    sinks: frozenset[str] = frozenset()  # nodes no other node consumes
+
+    @property
+    def runs(self) -> AppGraph:
+        """The calls that run (see ``run_graph``)."""
+        return self.run_graph if self.run_graph is not None else self.graph
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +164,11 @@ class DatasetSpec(_Strict):
     """One entry of ``datasets:``: a file, or the rows inline (what a job submission carries)."""
 
     path: str | None = Field(default=None, min_length=1)  # relative to the application file
-    records: list[dict[str, Any]] | None = Field(default=None, min_length=1)  # rows inline
+    records: list[Any] | None = Field(default=None, min_length=1)  # rows inline
+    # rows: one request per row; openai: OpenAI Batch API lines; auto: openai when the first
+    # row has custom_id and body
+    format: Literal["auto", "rows", "openai"] = "auto"
+    source: str | None = None  # the file inline records were read from (errors name it)
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -168,8 +181,15 @@ class _Source(_Strict):
     """Fields shared by ``input:`` and ``chain:``."""
 
     where: dict[str, Any] | None = None  # column -> value, compared as text
-    template_tokens: int = Field(default=0, ge=0)  # tokens added to every prompt
-    template: str | None = None  # its estimated tokens are added to template_tokens
+    template_tokens: int = Field(default=0, ge=0)  # tokens added to every prompt estimate
+    template: str | None = None  # prompt text with {placeholders} (docs/app-spec.md)
+
+    @field_validator("template")
+    @classmethod
+    def _parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_template(v)  # TemplateError is a ValueError: pydantic names the field
+        return v
 
     @field_validator("where")
     @classmethod
@@ -199,19 +219,72 @@ class InputSpec(_Source):
 
 
 class ChainSpec(_Source):
-    """``chain:`` of a node: documents split into chunks, summarised in sequence."""
+    """``chain:`` of a node: documents split into chunks, summarised in sequence.
+
+    ``template`` is used for chunks after the first (``{chunk}``, ``{summary}``: the summary so
+    far), ``first_template`` for the first chunk (default: ``template``, ``{summary}`` empty).
+    """
 
     dataset: str
     chunk_tokens: int = Field(ge=1)  # tokens per chunk
+    column: str = Field(default="prompt", min_length=1)  # the column holding the document text
+    first_template: str | None = None
+
+    @field_validator("first_template")
+    @classmethod
+    def _first_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_template(v)
+        return v
+
+
+class RouteSpec(_Source):
+    """``route:`` of a node: each row goes to one target model, by a label column, a rule (a
+    Python callable ``module:function``) or the output of a router LLM node."""
+
+    dataset: str
+    targets: dict[str, str] = Field(min_length=1)  # label -> model id
+    column: str | None = Field(default=None, min_length=1)  # the column holding the label
+    rule: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    router: str | None = None  # name of the router node (its output names a label)
+    estimate: dict[str, float] | None = None  # label -> share of rows, for planning (router)
+    default: str | None = None  # label for rows whose label is unknown; else they fail
+    # the rule's answers, made where the file was read (a submission): row id -> label, or
+    # "!<error>" when the rule raised; with it, the rule is not imported again
+    labels: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RouteSpec:
+        ways = [w for w in ("column", "rule", "router") if getattr(self, w) is not None]
+        if len(ways) != 1:
+            raise ValueError("give exactly one of column, rule and router")
+        for label in self.targets:
+            if not _NAME_RE.fullmatch(label):
+                raise ValueError(f"targets: label {label!r}: use letters, digits, '_' and '-'")
+        if self.estimate is not None:
+            if self.router is None:
+                raise ValueError("estimate is for routes made by a router node; give router")
+            unknown = sorted(set(self.estimate) - set(self.targets))
+            if unknown:
+                known = list(self.targets)
+                raise ValueError(f"estimate: unknown labels {unknown} (targets: {known})")
+            if any(not math.isfinite(x) or x < 0 for x in self.estimate.values()) or not sum(
+                self.estimate.values()
+            ):
+                raise ValueError("estimate: shares must be >= 0 with a positive sum")
+        if self.default is not None and self.default not in self.targets:
+            raise ValueError(f"default: {self.default!r} is not a label of targets")
+        return self
 
 
 class NodeSpec(_Strict):
     """One entry of ``nodes:``."""
 
     name: str
-    model: str
+    model: str | None = None  # required, except for a route node (its targets name models)
     input: InputSpec | None = None
     chain: ChainSpec | None = None
+    route: RouteSpec | None = None
     sampling: SamplingSpec | None = None
 
     @field_validator("name")
@@ -223,8 +296,12 @@ class NodeSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> NodeSpec:
-        if (self.input is None) == (self.chain is None):
-            raise ValueError("give exactly one of input or chain")
+        if sum(x is not None for x in (self.input, self.chain, self.route)) != 1:
+            raise ValueError("give exactly one of input, chain and route")
+        if self.route is None and self.model is None:
+            raise ValueError("model: required (the model this node calls)")
+        if self.route is not None and self.model is not None:
+            raise ValueError("model: a route node calls its targets' models; remove model")
         return self
 
 
@@ -296,16 +373,52 @@ def parse_app(
     spec = _validate(doc, where)
     _check_refs(spec, where)
     order = _topo_order(spec, where)
-    used = {n.model for n in spec.nodes}
+    used = {m for n in spec.nodes for m in _node_models(n)}
     limit = _tp_limit(ctx)
     infos = {
         m.id: _resolve_model(i, m, limit, ctx) for i, m in enumerate(spec.models) if m.id in used
     }
     datasets = {name: _load_dataset(name, d, ctx) for name, d in spec.datasets.items()}
-    drafts = _expand_all(spec, order, datasets, ctx)
+    env = Env(where, ctx.base_dir, datasets, _tokenizers(spec, ctx), serving)
+    drafts = expand_all(spec, order, env)
     samplings = [_sampling(i, n, spec, where) for i, n in enumerate(spec.nodes)]
-    calls, rejected = _assemble(drafts, spec, infos, samplings, ctx)
-    return _result(spec, calls, rejected, infos, samplings, drafts, ctx)
+    run = _assemble(drafts, spec, infos, samplings, env)
+    run.rejected[:0] = _data_rejections(datasets, env)
+    plan = None
+    if any(d.plan is not None for d in drafts):
+        plan = _assemble(drafts, spec, infos, samplings, env, planning=True).calls
+    return _result(spec, run, plan, infos, samplings, drafts, ctx)
+
+
+def _node_models(node: NodeSpec) -> list[str]:
+    if node.route is not None:
+        return list(node.route.targets.values())
+    assert node.model is not None
+    return [node.model]
+
+
+def _load_dataset(name: str, d: DatasetSpec, ctx: _Ctx) -> Dataset:
+    path = ctx.base_dir / d.path if d.path is not None else None
+    return read_dataset(name, path, d.records, d.format, ctx.where, d.source)
+
+
+def _data_rejections(datasets: Mapping[str, Dataset], env: Env) -> list[Rejection]:
+    """Rows dropped when reading, then rows a route could not place."""
+    out = [Rejection(f"datasets.{n}", r.request_id, r.reason)
+           for n, ds in datasets.items() for r in ds.rejected]  # fmt: skip
+    out += [Rejection(node, rid, why) for (node, rid), why in env.lost.items()]
+    return out
+
+
+def _tokenizers(spec: AppSpec, ctx: _Ctx) -> Callable[[str], Tokenizer | None]:
+    """Model id -> the tokenizer of its local folder (None without one)."""
+    models = {m.id: m for m in spec.models}
+
+    def get(model: str) -> Tokenizer | None:
+        folder = _local_folder(models[model], ctx)
+        return load_tokenizer(folder) if folder is not None else cached_tokenizer(model)
+
+    return get
 
 
 def _validate(doc: Any, where: str) -> AppSpec:
@@ -319,28 +432,39 @@ def _validate(doc: Any, where: str) -> AppSpec:
 
 def _result(
     spec: AppSpec,
-    calls: list[LlmCall],
-    rejected: list[Rejection],
+    run: _Built,
+    plan: list[LlmCall] | None,
     infos: dict[str, ModelInfo],
     samplings: list[Sampling],
-    drafts: list[_Draft],
+    drafts: list[Draft],
     ctx: _Ctx,
 ) -> LoadedApp:
-    node_of = {d.name: d.node for d in drafts}
+    node_of_call = {d.name: d.node for d in drafts}
     kept = {(m, tp): p for m, info in infos.items() for tp, p in info.profiles.items()}
+    name = spec.name or Path(ctx.where).stem
     try:
-        graph = AppGraph(tuple(calls), infos, spec.name or Path(ctx.where).stem)
+        graph = AppGraph(tuple(run.calls), infos, name)
+        planned = AppGraph(tuple(plan), infos, name) if plan is not None else None
     except ValueError as e:  # checked above; kept so no raw error escapes
         raise SpecError(f"{ctx.where}: {e}") from None
     return LoadedApp(
-        graph=graph,
-        rejected=tuple(rejected),
-        sampling={c.name: samplings[node_of[c.name]] for c in calls},
+        graph=planned or graph,
+        rejected=tuple(run.rejected),
+        sampling={c.name: samplings[node_of_call[c.name]] for c in run.calls},
         notes={m: info.source_note for m, info in infos.items()},
         profiles=ProfileSet(ctx.profiles.gpu, kept),
         description=spec.description or "",
         runtime={m.id: _runtime(m, ctx) for m in spec.models if m.id in infos},
+        prompts=run.prompts,
+        run_graph=graph,
+        sinks=_sinks(spec),
     )
+
+
+def _sinks(spec: AppSpec) -> frozenset[str]:
+    """Nodes no other node consumes (a router node is consumed by its route)."""
+    used = {u for n in spec.nodes for u in _upstream(n)}
+    return frozenset(n.name for n in spec.nodes if n.name not in used)
 
 
 def _runtime(m: ModelSpec, ctx: _Ctx) -> ModelRuntime:
@@ -370,10 +494,9 @@ def _check_refs(spec: AppSpec, where: str) -> None:
     names = [n.name for n in spec.nodes]
     for i, node in enumerate(spec.nodes):
         at = f"{where}: nodes[{i}]"
-        if node.model not in models:
+        if node.model is not None and node.model not in models:
             raise SpecError(f"{at}.model: unknown model {node.model!r} (not in models)")
-        kind, src = ("input", node.input) if node.input is not None else ("chain", node.chain)
-        assert src is not None  # NodeSpec checks that exactly one is given
+        kind, src = _source(node)
         if src.dataset is not None and src.dataset not in spec.datasets:
             known = ", ".join(sorted(spec.datasets)) or "none"
             raise SpecError(
@@ -384,6 +507,25 @@ def _check_refs(spec: AppSpec, where: str) -> None:
                 raise SpecError(
                     f"{at}.input.nodes[{j}]: unknown node {up!r} (nodes: {', '.join(names)})"
                 )
+        if node.route is not None:
+            _check_route(node.route, models, names, f"{at}.route")
+
+
+def _source(node: NodeSpec) -> tuple[str, InputSpec | ChainSpec | RouteSpec]:
+    """The node's kind and its source section (NodeSpec checks that exactly one is given)."""
+    for kind in ("input", "chain", "route"):
+        src = getattr(node, kind)
+        if src is not None:
+            return kind, src
+    raise AssertionError("NodeSpec has no source")
+
+
+def _check_route(rt: RouteSpec, models: set[str], names: list[str], at: str) -> None:
+    for label, model in rt.targets.items():
+        if model not in models:
+            raise SpecError(f"{at}.targets.{label}: unknown model {model!r} (not in models)")
+    if rt.router is not None and rt.router not in names:
+        raise SpecError(f"{at}.router: unknown node {rt.router!r} (nodes: {', '.join(names)})")
 
 
 def _no_duplicates(values: list[str], section: str, key: str, what: str, where: str) -> None:
@@ -397,6 +539,8 @@ def _no_duplicates(values: list[str], section: str, key: str, what: str, where: 
 
 
 def _upstream(node: NodeSpec) -> list[str]:
+    if node.route is not None:
+        return [node.route.router] if node.route.router is not None else []
     return list(node.input.nodes or ()) if node.input is not None else []
 
 
@@ -692,262 +836,8 @@ def _note(m: ModelSpec, kept: dict[int, ModelProfile], skipped: list[str], lengt
 
 
 # --------------------------------------------------------------------------------------------
-# Datasets.
-# --------------------------------------------------------------------------------------------
-
-
-class _DataError(ValueError):
-    """A bad dataset row; the message names the data file, the line and the column."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Row:
-    id: str
-    tokens: int  # prompt tokens
-    fields: Mapping[str, str]  # every column as text, for ``where``
-
-
-@dataclass(frozen=True, slots=True)
-class _Dataset:
-    name: str
-    path: Path
-    rows: tuple[_Row, ...]
-    columns: frozenset[str]
-
-
-def _load_dataset(name: str, spec: DatasetSpec, ctx: _Ctx) -> _Dataset:
-    at = f"{ctx.where}: datasets.{name}"
-    if spec.records is not None:
-        raw = ((f"{at}.records[{i}]", row) for i, row in enumerate(spec.records))
-        try:
-            rows, columns = _rows(raw)
-        except _DataError as e:
-            raise SpecError(str(e)) from None
-        return _Dataset(name, Path(f"<{name}>"), rows, columns)
-    assert spec.path is not None  # checked by DatasetSpec
-    path = ctx.base_dir / spec.path
-    if not path.is_file():
-        raise SpecError(f"{at}.path: file not found: {path}")
-    kind = Path(path.name.lower().removesuffix(".gz")).suffix
-    if kind not in _FORMATS:
-        raise SpecError(f"{at}.path: {path}: unknown format (use .csv, .jsonl or .json; .gz ok)")
-    try:
-        with open_text(path) as fh:
-            rows, columns = _rows(_raw_rows(fh, path, kind))
-    except _DataError as e:
-        raise SpecError(f"{at}: {e}") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise SpecError(f"{at}: {path}: cannot read: {e}") from None
-    if not rows:
-        raise SpecError(f"{at}: {path}: no rows")
-    return _Dataset(name, path, rows, columns)
-
-
-def dataset_rows(path: Path) -> list[tuple[str, Any]]:
-    """``(label, row)`` of every row of a dataset file in the formats of ``datasets:`` (.csv,
-    .jsonl, .json list; .gz allowed), e.g. for ``samullm lengths --prompts``.
-
-    Raises:
-        SpecError: missing file, unknown format, bad JSON or CSV header; names file and line.
-    """
-    kind = Path(path.name.lower().removesuffix(".gz")).suffix
-    if kind not in _FORMATS:
-        raise SpecError(f"{path}: unknown format (use .csv, .jsonl or .json; .gz ok)")
-    try:
-        with open_text(path) as fh:
-            return list(_raw_rows(fh, path, kind))
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except _DataError as e:
-        raise SpecError(str(e)) from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: cannot read: {e}") from None
-
-
-def _raw_rows(fh: IO[str], path: Path, kind: str) -> Iterator[tuple[str, Any]]:
-    """``(label, row)`` per row; the label is ``file:line`` (JSON lists: ``file: [i]``)."""
-    if kind == ".csv":
-        reader = csv.DictReader(fh)
-        if reader.fieldnames and not {"prompt_tokens", "prompt"} & set(reader.fieldnames):
-            raise _DataError(f"{path}:1: needs a 'prompt_tokens' or 'prompt' column")
-        start = 2
-        for row in reader:
-            yield f"{path}:{start}", {k: v for k, v in row.items() if k is not None}
-            start = reader.line_num + 1
-    elif kind == ".jsonl":
-        for line, text in enumerate(fh, start=1):
-            if text.strip():
-                yield f"{path}:{line}", _json(text, f"{path}:{line}")
-    else:
-        doc = _json(fh.read(), str(path))
-        if not isinstance(doc, list):
-            raise _DataError(f"{path}: expected a JSON list of objects")
-        yield from ((f"{path}: [{i}]", row) for i, row in enumerate(doc))
-
-
-def _json(text: str, label: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _DataError(f"{label}: invalid JSON: {e.msg}") from None
-
-
-def _rows(raw: Iterator[tuple[str, Any]]) -> tuple[tuple[_Row, ...], frozenset[str]]:
-    """Checked rows (unique ids, positive token counts) and every column seen."""
-    rows: list[_Row] = []
-    seen: dict[str, str] = {}
-    columns: set[str] = set()
-    for n, (label, row) in enumerate(raw):
-        if not isinstance(row, dict):
-            raise _DataError(f"{label}: expected an object, got {type(row).__name__}")
-        rid = _row_id(row.get("id"), n, label)
-        if rid in seen:
-            raise _DataError(f"{label}: column 'id': duplicate id {rid!r} (also {seen[rid]})")
-        seen[rid] = label
-        columns.update(row)
-        fields_ = {str(k): _as_text(v) for k, v in row.items()}
-        rows.append(_Row(rid, _prompt_tokens(row, label), fields_))
-    return tuple(rows), frozenset(columns)
-
-
-def _row_id(value: Any, n: int, label: str) -> str:
-    if value is None or value == "":
-        return str(n)
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise _DataError(f"{label}: column 'id': expected a string, got {value!r}")
-    return str(value)
-
-
-def _prompt_tokens(row: dict[str, Any], label: str) -> int:
-    """``prompt_tokens`` (int >= 1), else the estimated tokens of ``prompt``."""
-    value = row.get("prompt_tokens")
-    if value is not None and value != "":
-        number: Any = None
-        if isinstance(value, str) and _INT_RE.fullmatch(value):
-            number = int(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        elif isinstance(value, float) and value.is_integer():
-            number = int(value)
-        if number is None or number < 1:
-            raise _DataError(
-                f"{label}: column 'prompt_tokens': expected an integer >= 1, got {value!r}"
-            )
-        return int(number)
-    text = row.get("prompt")
-    if text is None or text == "":
-        raise _DataError(f"{label}: needs column 'prompt_tokens' or 'prompt'")
-    if not isinstance(text, str):
-        raise _DataError(f"{label}: column 'prompt': expected text, got {type(text).__name__}")
-    return estimate_tokens(text)
-
-
-def _as_text(value: Any) -> str:
-    """A cell or a ``where`` value as text: booleans as true/false, null as ""."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "" if value is None else str(value)
-
-
-def _filtered(ds: _Dataset, where: dict[str, Any] | None, at: str) -> list[_Row]:
-    """Rows of ``ds`` whose columns equal every ``where`` value (as text)."""
-    want = {col: _as_text(v) for col, v in (where or {}).items()}
-    for col in want:
-        if col not in ds.columns:
-            raise SpecError(
-                f"{at}.where.{col}: column {col!r} not in dataset {ds.name!r} "
-                f"(columns: {', '.join(sorted(ds.columns))})"
-            )
-    rows = [r for r in ds.rows if all(r.fields.get(c) == v for c, v in want.items())]
-    if not rows:
-        raise SpecError(f"{at}.where: no row of dataset {ds.name!r} matches {want}")
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
 # Expansion into calls, rejection, assembly.
 # --------------------------------------------------------------------------------------------
-
-Outputs = dict[str, dict[str, tuple[str, str]]]  # node -> request id -> (call, request id)
-
-
-@dataclass(frozen=True, slots=True)
-class _Draft:
-    """One call before over-long prompts are dropped."""
-
-    name: str  # call name
-    node: int  # index into AppSpec.nodes
-    part: int | None  # chunk index of a chain call; None for an input node
-    model: str
-    ids: tuple[str, ...]  # one per request
-    base: tuple[int, ...]  # tokens per request: own prompt + template
-    deps: tuple[tuple[tuple[str, str], ...], ...]  # per request: (upstream call, request id)
-
-
-def _expand_all(
-    spec: AppSpec, order: list[int], datasets: dict[str, _Dataset], ctx: _Ctx
-) -> list[_Draft]:
-    outputs: Outputs = {}
-    drafts: list[_Draft] = []
-    for i in order:
-        node = spec.nodes[i]
-        at = f"{ctx.where}: nodes[{i}]"
-        if node.input is not None:
-            drafts.append(_expand_input(i, node, node.input, datasets, outputs, at))
-        else:
-            assert node.chain is not None
-            drafts += _expand_chain(i, node, node.chain, datasets, outputs, at)
-    return drafts
-
-
-def _template(src: _Source) -> int:
-    """Tokens of the template: template_tokens + the estimate of the template text."""
-    return src.template_tokens + (estimate_tokens(src.template) if src.template else 0)
-
-
-def _expand_input(
-    i: int, node: NodeSpec, inp: InputSpec, datasets: dict[str, _Dataset], outputs: Outputs,
-    at: str,
-) -> _Draft:  # fmt: skip
-    tmpl = _template(inp)
-    if inp.dataset is not None:
-        rows = _filtered(datasets[inp.dataset], inp.where, f"{at}.input")
-        bases = [(r.id, r.tokens + tmpl) for r in rows]
-    else:
-        assert inp.nodes is not None  # InputSpec checks this
-        bases = [(rid, max(1, tmpl)) for rid in outputs[inp.nodes[0]]]
-    ups = [outputs[u] for u in inp.nodes or ()]
-    ids: list[str] = []
-    base: list[int] = []
-    deps: list[tuple[tuple[str, str], ...]] = []
-    for rid, tokens in bases:
-        dep = tuple(up[rid] for up in ups if rid in up)
-        for j in range(inp.repeat):
-            ids.append(rid if inp.repeat == 1 else f"{rid}#{j}")
-            base.append(tokens)
-            deps.append(dep)
-    outputs[node.name] = {rid: (node.name, rid) for rid in ids}
-    return _Draft(node.name, i, None, node.model, tuple(ids), tuple(base), tuple(deps))
-
-
-def _expand_chain(
-    i: int, node: NodeSpec, ch: ChainSpec, datasets: dict[str, _Dataset], outputs: Outputs,
-    at: str,
-) -> list[_Draft]:  # fmt: skip
-    """Calls ``<name>.0``, ``<name>.1``, ...: call k holds chunk k of every long-enough doc."""
-    tmpl, size = _template(ch), ch.chunk_tokens
-    docs = _filtered(datasets[ch.dataset], ch.where, f"{at}.chain")
-    chunks = {d.id: math.ceil(d.tokens / size) for d in docs}
-    drafts: list[_Draft] = []
-    for k in range(max(chunks.values())):
-        sel = [d for d in docs if chunks[d.id] > k]
-        deps = tuple(((f"{node.name}.{k - 1}", d.id),) if k else () for d in sel)
-        drafts.append(_Draft(
-            f"{node.name}.{k}", i, k, node.model, tuple(d.id for d in sel),
-            tuple(min(size, d.tokens - k * size) + tmpl for d in sel), deps,
-        ))  # fmt: skip
-    outputs[node.name] = {d.id: (f"{node.name}.{chunks[d.id] - 1}", d.id) for d in docs}
-    return drafts
 
 
 def _sampling(i: int, node: NodeSpec, spec: AppSpec, where: str) -> Sampling:
@@ -965,37 +855,54 @@ def _sampling(i: int, node: NodeSpec, spec: AppSpec, where: str) -> Sampling:
     return Sampling(**merged)
 
 
+@dataclass(slots=True)
+class _Built:
+    """Calls of one graph (the run's, or the planner's) and what was dropped."""
+
+    calls: list[LlmCall] = field(default_factory=list)
+    prompts: dict[str, CallPrompt] = field(default_factory=dict)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
 def _assemble(
-    drafts: list[_Draft],
+    drafts: list[Draft],
     spec: AppSpec,
     infos: dict[str, ModelInfo],
     samplings: list[Sampling],
-    ctx: _Ctx,
-) -> tuple[list[LlmCall], list[Rejection]]:
-    """Calls without the rejected requests, in draft order, and the rejections."""
+    env: Env,
+    *,
+    planning: bool = False,
+) -> _Built:
+    """Calls without the rejected requests, in draft order, and the rejections. ``planning``
+    keeps, of router candidates, only the requests the planner assumes (Draft.plan)."""
     index: dict[str, dict[str, int]] = {}  # call -> kept request id -> request index
     pos: dict[str, int] = {}  # call -> index in the result
-    dropped: set[tuple[str, str]] = set()
-    calls: list[LlmCall] = []
-    rejected: list[Rejection] = []
+    dropped: dict[tuple[str, str], str] = dict(env.lost)  # (call, id) -> the first cause
+    out = _Built()
     for dr in drafts:
-        limit = _context_limit(infos[dr.model], ctx.serving)
+        limit = _context_limit(infos[dr.model], env.serving)
         keep: list[int] = []
         for r, rid in enumerate(dr.ids):
-            reason = _reject_reason(dr, r, limit, dropped)
-            if reason is None:
+            pre = dr.pre[r]
+            got = (pre, pre) if pre else _reject_reason(dr, r, limit, dropped)
+            if got is None:
                 keep.append(r)
             else:
-                dropped.add((dr.name, rid))
-                rejected.append(Rejection(dr.name, rid, reason))
+                dropped[(dr.name, rid)] = got[1]
+                out.rejected.append(Rejection(dr.name, rid, got[0]))
+        if planning and dr.plan is not None:
+            keep = [r for r in keep if dr.plan[r]] or keep[:1]
         if not keep:
-            if dr.part:  # a later chunk call left empty: its documents were all dropped
-                continue
-            _all_rejected(dr, spec, rejected, ctx.where)
+            if dr.part or dr.route is not None or spec.nodes[dr.node].route is not None:
+                continue  # a later chunk or a route target left empty: its rows were dropped
+            _all_rejected(dr, spec, out.rejected, env.where)
         index[dr.name] = {dr.ids[r]: n for n, r in enumerate(keep)}
-        pos[dr.name] = len(calls)
-        calls.append(_call(dr, keep, index, pos, samplings[dr.node].max_tokens))
-    return calls, rejected
+        pos[dr.name] = len(out.calls)
+        cap = samplings[dr.node].max_tokens
+        out.calls.append(_call(dr, keep, index, pos, cap))
+        texts = tuple(dr.texts[r] for r in keep)
+        out.prompts[dr.name] = CallPrompt(dr.template, texts, dr.chain, dr.route)
+    return out
 
 
 def _context_limit(info: ModelInfo, serving: ServingConfig) -> int:
@@ -1005,20 +912,31 @@ def _context_limit(info: ModelInfo, serving: ServingConfig) -> int:
     return min(info.max_model_len, serving.max_model_len)
 
 
-def _reject_reason(dr: _Draft, r: int, limit: int, dropped: set[tuple[str, str]]) -> str | None:
+def _reject_reason(
+    dr: Draft, r: int, limit: int, dropped: Mapping[tuple[str, str], str]
+) -> tuple[str, str] | None:
+    """Why request ``r`` is dropped, and the first cause down the chain: its prompt does not
+    fit, or every request it would take from some upstream node was dropped (a route's
+    candidates: all of them). None when it is kept."""
     tokens = dr.base[r]
     if tokens >= limit:
-        return (
+        why = (
             f"prompt of {tokens} tokens does not fit max_model_len {limit} of {dr.model} "
             "(at least 1 output token is needed)"
         )
-    for call, uid in dr.deps[r]:
-        if (call, uid) in dropped:
-            return f"upstream request {uid!r} of node {call!r} was rejected"
+        return why, why
+    by_node: dict[str, list[tuple[str, str]]] = {}
+    for ref in dr.deps[r]:
+        by_node.setdefault(node_of(ref[0]), []).append(ref)
+    for refs in by_node.values():
+        if all(ref in dropped for ref in refs):
+            call, uid = refs[0]
+            root = dropped[refs[0]]
+            return f"upstream request {uid!r} of node {call!r} was rejected: {root}", root
     return None
 
 
-def _all_rejected(dr: _Draft, spec: AppSpec, rejected: list[Rejection], where: str) -> NoReturn:
+def _all_rejected(dr: Draft, spec: AppSpec, rejected: list[Rejection], where: str) -> NoReturn:
     node = spec.nodes[dr.node].name
     call = "" if dr.name == node else f", call {dr.name!r}"
     first = next(r for r in rejected if r.node == dr.name)
@@ -1029,20 +947,22 @@ def _all_rejected(dr: _Draft, spec: AppSpec, rejected: list[Rejection], where: s
 
 
 def _call(
-    dr: _Draft, keep: list[int], index: dict[str, dict[str, int]], pos: dict[str, int],
+    dr: Draft, keep: list[int], index: dict[str, dict[str, int]], pos: dict[str, int],
     max_tokens: int,
 ) -> LlmCall:  # fmt: skip
     srcs: dict[str, list[int]] = {}
     for n, r in enumerate(keep):
         for call, uid in dr.deps[r]:
-            srcs.setdefault(call, [-1] * len(keep))[n] = index[call][uid]
+            if uid in index.get(call, {}):  # a dropped candidate is no input
+                srcs.setdefault(call, [-1] * len(keep))[n] = index[call][uid]
     ordered = sorted(srcs.items(), key=lambda cs: pos[cs[0]])
     deps = tuple(Dep(pos[c], np.asarray(s, dtype=np.int64)) for c, s in ordered)
+    caps = [dr.caps[r] or max_tokens for r in keep]
     return LlmCall(
         name=dr.name,
         model=dr.model,
         base_prompt_len=np.asarray([dr.base[r] for r in keep], dtype=np.int64),
-        max_tokens=np.full(len(keep), max_tokens, dtype=np.int64),
+        max_tokens=np.asarray(caps, dtype=np.int64),
         deps=deps,
         request_ids=tuple(dr.ids[r] for r in keep),
     )
@@ -1065,6 +985,7 @@ def self_contained(path: str | Path) -> dict[str, Any]:
     sets = doc.get("datasets") or {}
     out["datasets"] = {n: _inline(n, d, base, str(p)) for n, d in sets.items()}
     out["models"] = [_absolute_model(m, base) for m in doc.get("models") or []]
+    out["nodes"] = [_rule_labels(n, sets, base, str(p)) for n in doc.get("nodes") or []]
     out.setdefault("name", p.stem)
     return out
 
@@ -1073,12 +994,29 @@ def _inline(name: str, d: Any, base: Path, where: str) -> Any:
     if not isinstance(d, dict) or not isinstance(d.get("path"), str):
         return d
     path = base / d["path"]
-    kind = Path(path.name.lower().removesuffix(".gz")).suffix
+    out = {k: v for k, v in d.items() if k != "path"}
+    out["source"] = str(path)
     try:
-        with open_text(path) as fh:
-            return {"records": [row for _, row in _raw_rows(fh, path, kind)]}
-    except (_DataError, OSError, EOFError, UnicodeDecodeError) as e:
+        out["records"] = raw_lines(path)
+    except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
         raise SpecError(f"{where}: datasets.{name}.path: {e}") from None
+    return out
+
+
+def _rule_labels(node: Any, sets: Any, base: Path, where: str) -> Any:
+    """A route node with a ``rule``: the rule applied here, its labels carried as ``labels``
+    (row id -> label), so the coordinator needs neither the rule's module nor its folder."""
+    route = node.get("route") if isinstance(node, dict) else None
+    if not isinstance(route, dict) or not isinstance(route.get("rule"), str):
+        return node
+    d = sets.get(route.get("dataset")) if isinstance(sets, dict) else None
+    if not isinstance(d, dict) or "labels" in route:
+        return node  # load_app reports what is wrong
+    path = base / d["path"] if isinstance(d.get("path"), str) else None
+    fmt = d.get("format", "auto")
+    ds = read_dataset(str(route["dataset"]), path, d.get("records"), fmt, where)
+    labels = rule_labels(route["rule"], ds.rows, base, f"{where}: route.rule")
+    return {**node, "route": {**route, "labels": labels}}
 
 
 def _absolute_model(m: Any, base: Path) -> Any:

@@ -179,3 +179,48 @@ def _span(a: float | None, b: float | None) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:+.1f} %"
+
+
+def replan_line(st: Mapping[str, Any]) -> str | None:
+    """What ``samullm run`` and ``samullm status`` say about a re-plan once routes were known."""
+    rp = st.get("replan")
+    if not isinstance(rp, dict):
+        return None
+    if "skipped" in rp:
+        return f"  routes known: plan kept ({rp['skipped']})"
+    return (f"  routes known at {float(rp['at_s']):.1f} s: re-planned the rest, P50 "
+            f"{float(st.get('replanned_p50_s', 0)):.1f} s (P90 "
+            f"{float(st.get('replanned_p90_s', 0)):.1f} s)")  # fmt: skip
+
+
+def calibration_line(st: Mapping[str, Any]) -> str | None:
+    """Measured / believed step latency per model (coordinator/calibration.py), when measured."""
+    cal = st.get("calibration")
+    if not isinstance(cal, dict) or not cal:
+        return None
+    parts = [f"{m}: steps {c['latency_scale']:.2f}x ({c['windows']} windows), lengths "
+             f"{c.get('length_scale', 1.0):.2f}x ({c.get('length_exact', 0)} exact, "
+             f"{c.get('length_bounds', 0)} lower bounds)"
+             for m, c in sorted(cal.items())]  # fmt: skip
+    return "\n".join(["  measured against belief:", *(f"    {p}" for p in parts)])
+
+
+def adjust_lines(st: Mapping[str, Any]) -> list[str]:
+    """What run-time adjustment did (coordinator/adjust.py): each switch, then the last look."""
+    out = []
+    for sw in st.get("switches") or []:
+        stopped = ", ".join(sw["stopped"]) or "none"
+        out.append(f"  re-planned at {float(sw['at_s']):.0f} s ({sw['why']}): {sw['chose']} plan, "
+                   f"P50 left {float(sw['p50_before_s']):.0f} -> {float(sw['p50_after_s']):.0f} s"
+                   f"; stopped: {stopped}")  # fmt: skip
+    look = st.get("adjust")
+    if isinstance(look, dict):
+        out.append(f"  run-time adjustment: {look.get('looks', 0)} looks, "
+                   f"{look.get('switches', 0)} switches; last: {look.get('note', '')}")  # fmt: skip
+    stats = st.get("stats") or {}
+    if stats.get("preemptions") or stats.get("tasks_lost"):
+        out.append(f"  preemptions {stats.get('preemptions', 0)}, workers lost "
+                   f"{stats.get('tasks_lost', 0)}, prefix tokens recomputed "
+                   f"{stats.get('prefix_tokens', 0)}, "
+                   f"tokens lost {stats.get('lost_tokens', 0)}")  # fmt: skip
+    return out

@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="samullm",
                    choices=("samullm", "sequential", "naive", "muxserve", "static"))  # fmt: skip
+    p.add_argument("--no-adjust", action="store_true", help="no run-time re-planning")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish")
     _broker(p)
     p.set_defaults(func=run_submit)
@@ -59,9 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true")
     _broker(p)
     p.set_defaults(func=run_status)
-    p = sub.add_parser("results", help="export a job's outputs (JSONL, or Parquet by suffix)")
+    p = sub.add_parser("results", help="export a job's outputs (JSONL, Parquet or OpenAI Batch)")
     p.add_argument("job")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=("jsonl", "parquet", "openai"),
+                   help="default: by suffix (.parquet as Parquet, else JSONL); openai = "
+                        "an OpenAI Batch output file (sink nodes, errors included)")  # fmt: skip
     _broker(p)
     p.set_defaults(func=run_results)
 
@@ -117,7 +121,8 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     from coordinator.client import Client, JobFailed
 
-    opts = JobOptions(draws=args.draws, seed=args.seed, method=args.method)
+    opts = JobOptions(draws=args.draws, seed=args.seed, method=args.method,
+                      adjust=not args.no_adjust)
     try:
         job = Client(_need_broker(args)).submit(
             args.app, cluster=args.cluster, options=opts, profiles=args.profiles
@@ -137,7 +142,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from coordinator.accuracy import format_table
+    from coordinator.accuracy import adjust_lines, calibration_line, format_table, replan_line
     from coordinator.client import Client
 
     try:
@@ -150,13 +155,17 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps({"job_id": job.id, **st, "units": prog}))
         return 0
     print(f"job {job.id} ({st.get('name', '')}): {st.get('status')}")
-    for key in ("planned_makespan_s", "planned_p90_s", "actual_makespan_s", "eta_s"):
+    for key in ("planned_makespan_s", "planned_p90_s", "actual_makespan_s", "eta_s", "eta_p90_s"):
         if key in st:
             print(f"  {key}: {float(st[key]):.1f}")
     print(f"  outputs: {st.get('outputs_committed', 0)}/{st.get('requests_total', '?')}")
     for name, u in prog.items():
         print(f"  {name:<30} {u['done']:>6}/{u['total']:<6} {u['tokens_per_s']:>9.0f} tok/s"
               f"  eta {u['eta_s']:.0f} s")  # fmt: skip
+    notes = adjust_lines({**st, "stats": job.stats()})
+    for line in (replan_line(st), calibration_line(st), *notes):
+        if line is not None:
+            print(line)
     pva = st.get("planned_vs_actual")
     if isinstance(pva, dict):
         print("\n".join(format_table(pva)))
@@ -167,13 +176,16 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_results(args: argparse.Namespace) -> int:
     from coordinator.client import Client
-    from coordinator.results import export
 
     try:
         job = Client(_need_broker(args)).job(args.job)
+        n = job.export(args.out, fmt=args.format)
     except KeyError as e:
         print(f"samullm results: {e.args[0]}", file=sys.stderr)
         return 2
-    n = export(job.id, job.results(), args.out)
-    print(f"{n} outputs -> {args.out}")
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"samullm results: {args.out}: {e}", file=sys.stderr)
+        return 1
+    what = "lines" if args.format == "openai" else "outputs"
+    print(f"{n} {what} -> {args.out}")
     return 0

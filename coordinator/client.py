@@ -27,6 +27,7 @@ import redis
 from apps.app_spec import load_app, self_contained
 from apps.cluster_spec import SpecError, _read, load_cluster
 from coordinator.messages import JobOptions, JobSubmission, RequestOutput
+from coordinator.results import ExportMeta, export, meta_from_doc
 from coordinator.settings import load_settings
 from coordinator.store import JOBS, SUBMISSIONS, JobKeys, connect, decode
 from planning.estimate import serving_for
@@ -62,6 +63,23 @@ class Job:
     def progress(self) -> dict[str, dict[str, Any]]:
         """Per unit: model, done, total, failed, tokens, tokens_per_s, running, eta_s."""
         return {decode(k): json.loads(v) for k, v in self.r.hgetall(self.keys.units).items()}
+
+    def stats(self) -> dict[str, int]:
+        """The job's counters: preemptions, prefix_tokens (recomputed), lost_tokens,
+        tasks_lost, duplicate commits refused, fenced writes, ..."""
+        return {decode(k): int(v) for k, v in self.r.hgetall(self.keys.stats).items()}
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """The coordinator's task records (``task_id``, ``unit``, ``node``, ``gpus``,
+        ``queue``, ``status``, ``sent_at``, ``ended_at`` in unix s, ``keys``)."""
+        return [json.loads(v) for v in self.r.hvals(self.keys.tasks)]
+
+    def preempted(self, tasks: list[dict[str, Any]]) -> set[str]:
+        """Ids of the tasks among ``tasks`` that were told to stop (a control key exists)."""
+        pipe = self.r.pipeline()
+        for t in tasks:
+            pipe.exists(self.keys.ctl(t["task_id"]))
+        return {t["task_id"] for t, n in zip(tasks, pipe.execute(), strict=True) if n}
 
     def plan(self) -> dict[str, Any] | None:
         """The plan the coordinator runs (None until planned)."""
@@ -105,6 +123,28 @@ class Job:
     def failed(self) -> dict[str, str]:
         """Requests that failed: key -> error."""
         return {decode(k): decode(v) for k, v in self.r.hgetall(self.keys.failed).items()}
+
+    def export_meta(self) -> ExportMeta:
+        """What an OpenAI export needs: the coordinator's ``export_meta`` state field (calls,
+        completion ids, sinks, rejections; empty when absent) plus :meth:`failed`.
+
+        Raises:
+            ValueError: the stored field is not a valid document (names the job).
+        """
+        raw = self.r.hget(self.keys.state, "export_meta")
+        try:
+            doc = json.loads(raw) if raw else {}
+            if not isinstance(doc, dict):
+                raise ValueError(f"expected an object, got {type(doc).__name__}")
+            return meta_from_doc(doc, self.failed())
+        except ValueError as e:
+            raise ValueError(f"job {self.id}: state field export_meta: {e}") from None
+
+    def export(self, path: str | Path, fmt: str | None = None) -> int:
+        """Write the committed outputs to ``path`` (:func:`coordinator.results.export`);
+        ``fmt`` is ``jsonl``, ``parquet``, ``openai`` or None (by suffix). Rows or lines written.
+        """
+        return export(self.id, self.results(), path, fmt=fmt, meta=self.export_meta())
 
     def stream_results(
         self, *, follow: bool = True, block_ms: int = 500

@@ -16,7 +16,10 @@ import numpy as np
 from coordinator.job import JobModel
 from planning.batching_sim import SimRequest, simulate_dp
 from planning.estimate import engine_for
-from planning.profile import KNOWN_GPUS
+from planning.length_scale import stretched
+from planning.profile import KNOWN_GPUS, scaled_profile
+
+MIN_EXACT_LENGTHS = 10  # finished outputs before the fitted length stretch is used
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,19 +32,24 @@ class Pending:
 
 
 def unit_remaining_s(
-    job: JobModel, unit: int, tp: int, dp: int, pending: list[Pending], rng: np.random.Generator
-) -> float:
-    """Engine seconds until the unit's ``pending`` requests are done (one sampled outcome)."""
+    job: JobModel, unit: int, tp: int, dp: int, pending: list[Pending], rng: np.random.Generator,
+    latency_scale: float = 1.0, length_scale: float = 1.0,
+) -> float:  # fmt: skip
+    """Engine seconds until the unit's ``pending`` requests are done (one sampled outcome);
+    ``latency_scale``: measured / believed step latency, ``length_scale``: the fitted stretch
+    of the model's lengths (coordinator/calibration.py)."""
     if not pending:
         return 0.0
     info = job.loaded.graph.models[job.model(unit)]
+    lengths = stretched(info.lengths, length_scale)
     profile = info.profiles.get(tp) or info.profiles[min(info.profiles)]
+    profile = scaled_profile(profile, latency_scale)
     engine = engine_for(profile, KNOWN_GPUS[profile.gpu], job.serving)
     prompt = np.array([p.prompt_tokens for p in pending], dtype=np.int64)
     gen = np.array([p.generated for p in pending], dtype=np.int64)
     caps = np.array([p.max_tokens for p in pending], dtype=np.int64)
     room = np.maximum(engine.max_model_len - prompt, 1)
-    total = info.lengths.sample_conditional(
+    total = lengths.sample_conditional(
         rng, gen, max_tokens=caps, context_left=room, prompt_len=prompt
     )
     reqs = [

@@ -11,19 +11,21 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from apps.app_spec import LoadedApp, ModelRuntime, parse_app
 from apps.cluster_spec import SpecError, parse_cluster
-from coordinator.messages import EngineSpec, JobSubmission, SamplingParams
+from coordinator.messages import BeliefScale, EngineSpec, JobSubmission, SamplingParams
 from planning.cluster import Cluster, GpuGroup
 from planning.estimate import ServingConfig, serving_for
+from planning.graph import AppGraph
 from planning.io.lengths import load_authors_pdfs
 from planning.io.profiles import ProfileError, load_default_profiles, profiles_from_json
-from planning.plan import Plan
+from planning.plan import Plan, assignment_to_dict
 from planning.planner import PlanEstimate, PlannerConfig, plan_app
-from planning.workload import Unit
+from planning.workload import Unit, build_units
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,8 @@ class Req:
     base_tokens: int  # tokens of its own prompt (template included), without inputs
     deps: tuple[str, ...]  # keys whose outputs it consumes
     chain: str  # key of the first request of its same-unit chain (itself when none)
+    index: int = 0  # request index in its call (``node`` is the call's name)
+    max_tokens: int = 1  # tokens, output cap (the row's own, else the node's)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -55,6 +59,10 @@ class JobModel:
     sampling: Mapping[str, SamplingParams]  # node -> sampling
     plan_seconds: float  # s spent planning
     lengths_like: Mapping[str, str]  # model -> model whose length pmf the app uses for it
+    routes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # router key -> candidates
+    draws: int = 5  # length draws the plan was estimated with
+    seed: int = 0  # planner seed
+    adjust: bool = True  # re-plan the rest at run time (coordinator/adjust.py)
 
     @property
     def plan(self) -> Plan:
@@ -132,12 +140,15 @@ def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
     )  # fmt: skip
     t0 = time.perf_counter()
     opts = sub.options
+    if opts.belief:
+        loaded = _believed(loaded, opts.belief)
     cfg = PlannerConfig(draws=opts.draws, seed=opts.seed)
     report = plan_app(loaded.graph, cluster, serving=serving, config=cfg,
                       compare=opts.method != "samullm")  # fmt: skip
     est = report.searched if opts.method == "samullm" else report.baselines[opts.method]
     plan_s = time.perf_counter() - t0
-    reqs, unit_keys = _requests(loaded, est.ctx.units)
+    units = _run_units(loaded, est.ctx.units)
+    reqs, unit_keys = _requests(loaded, units)
     downstream: dict[str, list[str]] = {}
     for r in reqs.values():
         for d in r.deps:
@@ -147,10 +158,30 @@ def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
                              top_p=s.top_p, ignore_eos=s.ignore_eos)
         for node, s in loaded.sampling.items()
     }  # fmt: skip
+    routes = _routes(loaded, reqs)
     return JobModel(
-        sub.job_id, loaded, cluster, serving, est, est.ctx.units, reqs, unit_keys,
-        {k: tuple(v) for k, v in downstream.items()}, sampling, plan_s, _likes(sub.app),
+        sub.job_id, loaded, cluster, serving, est, units, reqs, unit_keys,
+        {k: tuple(v) for k, v in downstream.items()}, sampling, plan_s, _likes(sub.app), routes,
+        opts.draws, opts.seed, opts.adjust and opts.method == "samullm",
     )  # fmt: skip
+
+
+def _believed(loaded: LoadedApp, belief: Mapping[str, BeliefScale]) -> LoadedApp:
+    """``loaded`` with each named model's lengths stretched and profiles scaled."""
+    unknown = sorted(set(belief) - set(loaded.graph.models))
+    if unknown:
+        raise SpecError(f"options.belief: models {unknown} are not in the application")
+
+    def adjusted(graph: AppGraph) -> AppGraph:
+        models = dict(graph.models)
+        for m, b in belief.items():
+            models[m] = models[m].scaled(b.length_scale, b.latency_scale,
+                                         f"; belief x{b.length_scale:g} lengths, "
+                                         f"x{b.latency_scale:g} latency")  # fmt: skip
+        return AppGraph(graph.calls, models, graph.name)
+
+    run_graph = adjusted(loaded.run_graph) if loaded.run_graph is not None else None
+    return replace(loaded, graph=adjusted(loaded.graph), run_graph=run_graph)
 
 
 def _likes(doc: dict[str, object]) -> dict[str, str]:
@@ -163,10 +194,33 @@ def _likes(doc: dict[str, object]) -> dict[str, str]:
     return out
 
 
+def _run_units(loaded: LoadedApp, planned: tuple[Unit, ...]) -> tuple[Unit, ...]:
+    """The planner's units over the calls that run (a router's candidates are all there)."""
+    if loaded.run_graph is None:
+        return planned
+    names = [u.name for u in planned]
+    for fuse in (True, False):
+        units = build_units(loaded.runs, fuse=fuse)
+        if [u.name for u in units] == names:
+            return units
+    raise AssertionError(f"units of the run graph differ from the planner's: {names}")
+
+
+def _routes(loaded: LoadedApp, reqs: Mapping[str, Req]) -> dict[str, tuple[str, ...]]:
+    """Router request key -> the candidate keys its output chooses among."""
+    out: dict[str, list[str]] = {}
+    for key, req in reqs.items():
+        cp = loaded.prompts.get(req.node)
+        if cp is not None and cp.route is not None:
+            for d in req.deps:
+                out.setdefault(d, []).append(key)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def _requests(
     loaded: LoadedApp, units: tuple[Unit, ...]
 ) -> tuple[dict[str, Req], tuple[tuple[str, ...], ...]]:
-    graph = loaded.graph
+    graph = loaded.runs
     keys = [
         [f"{c.name}/{c.request_ids[r] if c.request_ids else r}" for r in range(c.num_requests)]
         for c in graph.calls
@@ -184,8 +238,20 @@ def _requests(
                 chain = reqs[local[after]].chain if after >= 0 else keys[c][r]
                 key = keys[c][r]
                 rid = call.request_ids[r] if call.request_ids else str(r)
-                reqs[key] = Req(key, call.name, rid, u, int(call.base_prompt_len[r]), deps, chain)
+                reqs[key] = Req(key, call.name, rid, u, int(call.base_prompt_len[r]), deps, chain,
+                                r, int(call.max_tokens[r]))  # fmt: skip
                 local.append(key)
         unit_keys.append(tuple(local))
     order = {k: i for i, k in enumerate(k for ks in keys for k in ks)}
     return dict(sorted(reqs.items(), key=lambda kv: order[kv[0]])), tuple(unit_keys)
+
+
+def plan_doc(job: JobModel) -> dict[str, Any]:
+    """The plan as clients read it (``samullm status``, ``Job.plan()``)."""
+    tl = job.estimate.timeline
+    rows = [
+        {**assignment_to_dict(a), "unit_name": job.units[a.unit].name,
+         "model": job.model(a.unit), "start_s": tl.start[i], "end_s": tl.end[i]}
+        for i, a in enumerate(job.plan.assignments) if tl.start[i] == tl.start[i]
+    ]  # fmt: skip
+    return {"method": job.plan.method, "assignments": rows}

@@ -51,6 +51,13 @@ class SamplingParams(Message):
     ignore_eos: bool = False
 
 
+class ChatMessage(Message):
+    """One chat message (OpenAI Batch rows with ``messages``)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
+
+
 class RequestItem(Message):
     """One request as a worker receives it; ``generated_*`` is a prefix made elsewhere."""
 
@@ -58,6 +65,9 @@ class RequestItem(Message):
     node: str = Field(min_length=1)  # call name
     request_id: str = Field(min_length=1)
     prompt: str = ""  # text (empty for length-only datasets on the sim engine)
+    messages: tuple[ChatMessage, ...] = ()  # chat requests: sent as messages, not ``prompt``
+    choices: tuple[str, ...] = ()  # a router's labels: its output should name one
+    completion: bool = False  # an OpenAI /v1/completions row: the prompt as it is, no chat template
     prompt_tokens: int = Field(ge=1)  # tokens of the prompt, without the generated prefix
     sampling: SamplingParams
     generated_text: str = ""  # output produced before a preemption
@@ -195,6 +205,13 @@ class WorkerInfo(Message):
     task_id: str | None = None  # the task it runs now
 
 
+class BeliefScale(Message):
+    """How one model's real lengths and step latencies differ from its pdf and profile."""
+
+    length_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # x believed lengths
+    latency_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # x profiled steps
+
+
 class JobOptions(Message):
     """Planner and runtime knobs of one job."""
 
@@ -202,6 +219,11 @@ class JobOptions(Message):
     seed: int = Field(default=0, ge=0)
     time_scale: float | None = Field(default=None, gt=0)  # sim workers: real s per simulated s
     method: Literal["samullm", "sequential", "naive", "muxserve", "static"] = "samullm"
+    # re-plan the rest while the job runs and switch when it pays (docs/replanning.md)
+    adjust: bool = True
+    # what the planner is told instead of its profiles and length pdfs, per model id: an
+    # ``oracle`` run of a benchmark gives it the truth's distortions
+    belief: dict[str, BeliefScale] = Field(default_factory=dict)
 
 
 class JobSubmission(Message):

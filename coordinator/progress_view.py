@@ -46,5 +46,7 @@ class ProgressView:
             total = status.get("requests_total")
             label = f"job {status.get('status', '?')}"
             eta = f"eta {float(status['eta_s']):.0f} s" if "eta_s" in status else ""
+            if "eta_p90_s" in status:
+                eta += f" (P90 {float(status['eta_p90_s']):.0f} s)"
             self.progress.update(self.job_row, description=label, total=total,
                                  completed=status.get("outputs_committed", 0), eta=eta)  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -24,13 +25,14 @@ from celery import Celery
 from pydantic import ValidationError
 
 from apps.cluster_spec import SpecError
+from apps.requests import node_of
 from coordinator.accuracy import Marks, PlannedSlot, planned_vs_actual
-from coordinator.eta import Pending, unit_remaining_s
-from coordinator.job import JobModel, build_job
+from coordinator.calibration import Seen
+from coordinator.eta import MIN_EXACT_LENGTHS, Pending, unit_remaining_s
+from coordinator.job import JobModel, build_job, plan_doc
 from coordinator.messages import JobSubmission, WorkerInfo, celery_config
 from coordinator.runner import JobRun
 from coordinator.store import COORDINATOR_GROUP, JOBS, SUBMISSIONS, WORKERS, JobKeys, decode
-from planning.plan import assignment_to_dict
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 50  # ms a read waits for new entries
@@ -158,17 +160,12 @@ class Coordinator:
 
     def _store_plan(self, job: JobModel) -> None:
         k = JobKeys(job.job_id)
-        plan = [
-            {**assignment_to_dict(a), "unit_name": job.units[a.unit].name,
-             "model": job.model(a.unit), "start_s": job.estimate.timeline.start[i],
-             "end_s": job.estimate.timeline.end[i]}
-            for i, a in enumerate(job.plan.assignments)
-        ]  # fmt: skip
-        self.r.set(k.plan, json.dumps({"method": job.plan.method, "assignments": plan}))
+        self.r.set(k.plan, json.dumps(plan_doc(job)))
         self.r.hset(k.state, mapping={
             "status": "running", "planned_makespan_s": job.estimate.p50,
             "planned_p90_s": job.estimate.p90, "plan_seconds": job.plan_seconds,
             "requests_total": len(job.reqs), "rejected": len(job.loaded.rejected),
+            "export_meta": json.dumps(export_meta(job)),
         })  # fmt: skip
 
     def _start(self, job: JobModel) -> None:
@@ -214,6 +211,8 @@ class Coordinator:
             "time_scale": scale, "outputs_committed": len(run.done),
             "requests_failed": len(run.failed), "stats": json.dumps(stats),
             "planned_vs_actual": json.dumps(self._accuracy(run, workers, actual)),
+            # router candidates not chosen never run: they leave the total
+            "requests_total": len(run.job.reqs) - len(run.routed), "routed_away": len(run.routed),
         })  # fmt: skip
         self.marks.pop(run.job.job_id, None)
         self._summarise(run, workers)
@@ -235,10 +234,11 @@ class Coordinator:
         old = marks.get(model, Marks())
         if kind == "commit":  # JobRun has just set t_last_commit for it
             marks[model] = Marks(old.start_at, run.t_last_commit)
-        elif not old.start_at:  # the first start, taken as JobRun takes t_start
-            marks[model] = Marks(float(fields.get(b"at", b"0")) or run.now(), old.end_at)
-        else:
-            return
+        else:  # the earliest start, taken as JobRun takes t_start
+            at = run.stamp(fields)
+            if old.start_at and old.start_at <= at:
+                return
+            marks[model] = Marks(at, old.end_at)
         self._dirty.add(run.job.job_id)
 
     def _store_marks(self) -> None:
@@ -259,10 +259,11 @@ class Coordinator:
         slots = [
             PlannedSlot(job.model(a.unit), timeline.start[i], timeline.end[i])
             for i, a in enumerate(job.plan.assignments)
-        ]  # fmt: skip
+            if math.isfinite(timeline.start[i]) and math.isfinite(timeline.end[i])
+        ]  # skipped or dropped by a re-plan: never ran  # fmt: skip
         finished = {job.model(u) for u in range(len(job.units))}
         for u, keys in enumerate(job.unit_keys):
-            if any(key not in run.done and key not in run.failed for key in keys):
+            if any(key not in run.done and not run.closed(key) for key in keys):
                 finished.discard(job.model(u))
         rec = planned_vs_actual(
             slots, self.marks.get(job.job_id, {}), finished, t0=run.t_start,
@@ -278,6 +279,7 @@ class Coordinator:
         elapsed = max(time.time() - run.t_start, 1e-9) / scale if run.t_start else 0.0
         out: dict[str, Any] = {}
         eta_job = 0.0
+        seen = run.seen()
         for u, unit in enumerate(job.units):
             keys = job.unit_keys[u]
             done = sum(1 for key in keys if key in run.done)
@@ -285,10 +287,11 @@ class Coordinator:
             gen = sum(run.done.get(key, 0) for key in keys)
             running = {key: n for t in live for key, n in _tokens(run, t.task_id).items()}
             gen += sum(running.values())
-            eta = _unit_eta(run, u, live, running, self.rng) if live else 0.0
+            eta = _unit_eta(run, u, live, running, seen, self.rng) if live else 0.0
             eta_job = max(eta_job, eta)
+            routed = sum(1 for key in keys if key in run.routed)
             out[unit.name] = {
-                "model": unit.model, "done": done, "total": len(keys),
+                "model": unit.model, "done": done, "total": len(keys) - routed,
                 "failed": sum(1 for key in keys if key in run.failed),
                 "tokens": gen, "tokens_per_s": gen / elapsed if elapsed else 0.0,
                 "running": bool(live), "eta_s": eta,
@@ -296,9 +299,16 @@ class Coordinator:
         planned_left = max(job.estimate.p50 - elapsed, 0.0)
         if out:
             self.r.hset(run.k.units, mapping={n: json.dumps(v) for n, v in out.items()})
+        eta = max(eta_job, planned_left) if run.done or run.tasks else job.estimate.p50
+        look = run.adjuster.last
+        if look.get("remaining_p50_s") is not None:  # the last look re-simulated the whole rest
+            since = max(elapsed - look["at_s"], 0.0)
+            eta = max(look["remaining_p50_s"] - since, eta_job)
+            p90 = max((look.get("remaining_p90_s") or 0.0) - since, eta)
+            self.r.hset(run.k.state, "eta_p90_s", p90)
         self.r.hset(run.k.state, mapping={
-            "elapsed_s": elapsed, "eta_s": max(eta_job, planned_left) if run.done or
-            run.tasks else job.estimate.p50, "outputs_committed": len(run.done),
+            "elapsed_s": elapsed, "eta_s": eta, "outputs_committed": len(run.done),
+            "calibration": json.dumps(run.estimates.to_dict(seen)),
         })  # fmt: skip
 
 
@@ -308,20 +318,24 @@ def _tokens(run: JobRun, task_id: str) -> dict[str, int]:
 
 
 def _unit_eta(
-    run: JobRun, u: int, live: list[Any], running: dict[str, int], rng: np.random.Generator
-) -> float:
+    run: JobRun, u: int, live: list[Any], running: dict[str, int], seen: Seen,
+    rng: np.random.Generator,
+) -> float:  # fmt: skip
     """Engine seconds left for unit ``u`` (conditional re-simulation of its open requests)."""
     job = run.job
     pend = []
     for key in job.unit_keys[u]:
-        if key in run.done or key in run.failed:
+        if key in run.done or run.closed(key):
             continue
-        req = job.reqs[key]
-        prompt = req.base_tokens + sum(run.done.get(d, 0) for d in req.deps)
-        pend.append(Pending(prompt, running.get(key, 0), job.sampling[req.node].max_tokens))
+        prompt = run.prompt_tokens(key)
+        pend.append(Pending(prompt, running.get(key, 0), job.reqs[key].max_tokens))
     tp = len(live[0].gpus)
+    model = job.model(u)
+    fit = run.estimates.length_fit(model, seen)
+    stretch = fit.scale if fit.finished >= MIN_EXACT_LENGTHS else 1.0
     try:
-        return unit_remaining_s(job, u, tp, len(live), pend, rng)
+        return unit_remaining_s(job, u, tp, len(live), pend, rng,
+                                run.estimates.latency_scale(model), stretch)  # fmt: skip
     except (ValueError, KeyError):
         return 0.0
 
@@ -336,3 +350,24 @@ def _time_scale(run: JobRun, workers: dict[str, WorkerInfo]) -> float:
                 run.r.hset(run.k.state, "time_scale", run.time_scale)
                 break
     return run.time_scale or 1.0
+
+
+def export_meta(job: JobModel) -> dict[str, Any]:
+    """What ``Job.export`` needs beyond the outputs (coordinator/results.py)."""
+    loaded = job.loaded
+    return {
+        "calls": {c.name: {"node": node_of(c.name), "model": c.model} for c in loaded.runs.calls},
+        "completion_ids": sorted(
+            {
+                cp.requests[r].fields.get("id", "")
+                for cp in loaded.prompts.values()
+                for r in range(len(cp.requests))
+                if cp.requests[r].completion
+            }
+        ),  # fmt: skip
+        "sinks": sorted(loaded.sinks),
+        "rejected": [
+            {"node": r.node, "request_id": r.request_id, "reason": r.reason}
+            for r in loaded.rejected
+        ],
+    }

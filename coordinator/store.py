@@ -13,6 +13,7 @@ everything a restarted coordinator or a redelivered task needs lives in these ke
 | ``samullm:job:{J}:plan`` | string | the plan the coordinator runs (JSON) |
 | ``samullm:job:{J}:out`` | hash | request key -> :class:`RequestOutput` JSON (committed once) |
 | ``samullm:job:{J}:failed`` | hash | request key -> error text |
+| ``samullm:job:{J}:routed`` | hash | router candidate key not chosen -> why |
 | ``samullm:job:{J}:epoch`` | hash | request key -> epoch allowed to commit (fence) |
 | ``samullm:job:{J}:tasks`` | hash | task id -> task record JSON (coordinator-owned) |
 | ``samullm:job:{J}:task:{T}`` | hash | task state seen by the worker: ``state``, ``deliveries`` |
@@ -25,6 +26,7 @@ everything a restarted coordinator or a redelivered task needs lives in these ke
 | ``samullm:job:{J}:partial`` | hash | request key -> prefix (:class:`Partial`) to continue from |
 | ``samullm:job:{J}:skipped`` | set | plan assignments that found nothing left to run |
 | ``samullm:job:{J}:units`` | hash | unit -> live progress (done, total, tokens/s, ETA) |
+| ``samullm:job:{J}:switches`` | list | run-time re-plans applied, in order (adjust.py) |
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class JobKeys:
         return self._k("failed")
 
     @property
+    def routed(self) -> str:
+        """Router candidates not chosen: request key -> the label chosen instead."""
+        return self._k("routed")
+
+    @property
     def epoch(self) -> str:
         return self._k("epoch")
 
@@ -107,6 +114,11 @@ class JobKeys:
     def skipped_key(self) -> str:
         """Set: plan assignments that had nothing left to run when their turn came."""
         return self._k("skipped")
+
+    @property
+    def switches(self) -> str:
+        """List: the run-time re-plan documents applied, in order."""
+        return self._k("switches")
 
     @property
     def units(self) -> str:

@@ -271,13 +271,23 @@ def _free_runs(cluster: Cluster, taken: frozenset[GpuId]) -> list[_Run]:
 
 
 def place_groups(
-    cluster: Cluster, tps: Sequence[int], *, taken: frozenset[GpuId] = frozenset()
+    cluster: Cluster,
+    tps: Sequence[int],
+    *,
+    taken: frozenset[GpuId] = frozenset(),
+    prefer: Sequence[GpuGroup | None] = (),
+    allowed: frozenset[GpuGroup] | None = None,
 ) -> list[GpuGroup] | None:
     """Disjoint GPU groups for the tp sizes ``tps``; ``result[i]`` hosts ``tps[i]``.
 
     Each group is a contiguous run of one NVLink island of one node and avoids ``taken``.
     Larger groups are placed first, each into the smallest free run that holds it (best fit),
     with backtracking, so ``None`` means no placement exists. Deterministic.
+
+    ``prefer[i]`` (a mid-run re-plan: where slot i's model runs now) is kept when it has the
+    slot's size and is free, so a running model is not moved; the other slots are placed
+    around the kept ones (and everything afresh when that fails). ``allowed`` limits the groups
+    to those that have a worker.
 
     Raises:
         ValueError: a tp < 1, or a ``taken`` GPU the cluster does not have.
@@ -287,6 +297,74 @@ def place_groups(
     unknown = sorted(taken - set(cluster.gpu_ids()))
     if unknown:
         raise ValueError(f"place_groups: taken GPUs not in the cluster: {unknown}")
+    kept = _keep_preferred(tps, taken, prefer, allowed)
+    if kept:
+        held = taken | {(g.node, i) for g in kept.values() for i in g.gpus}
+        rest = [i for i in range(len(tps)) if i not in kept]
+        placed = _place(cluster, [tps[i] for i in rest], held, allowed)
+        if placed is not None:
+            kept.update(zip(rest, placed, strict=True))
+            return [kept[i] for i in range(len(tps))]
+    return _place(cluster, tps, taken, allowed)
+
+
+def _keep_preferred(
+    tps: Sequence[int], taken: frozenset[GpuId], prefer: Sequence[GpuGroup | None],
+    allowed: frozenset[GpuGroup] | None,
+) -> dict[int, GpuGroup]:  # fmt: skip
+    """Slot -> its preferred group, for the preferred groups that fit and are free."""
+    kept: dict[int, GpuGroup] = {}
+    used: set[GpuId] = set(taken)
+    for i, g in enumerate(prefer):
+        if g is None or len(g.gpus) != tps[i] or (allowed is not None and g not in allowed):
+            continue
+        ids = {(g.node, x) for x in g.gpus}
+        if ids & used:
+            continue
+        used |= ids
+        kept[i] = g
+    return kept
+
+
+def _place(
+    cluster: Cluster, tps: Sequence[int], taken: frozenset[GpuId],
+    allowed: frozenset[GpuGroup] | None,
+) -> list[GpuGroup] | None:  # fmt: skip
+    if allowed is not None:
+        return _place_allowed(sorted(allowed, key=lambda g: (g.node, g.gpus)), tps, taken)
+    return _place_runs(cluster, tps, taken)
+
+
+def _place_allowed(
+    groups: list[GpuGroup], tps: Sequence[int], taken: frozenset[GpuId]
+) -> list[GpuGroup] | None:
+    """Disjoint groups out of ``groups`` (those with a worker) for ``tps``, by backtracking."""
+    order = sorted(range(len(tps)), key=lambda i: (-tps[i], i))
+    result: dict[int, GpuGroup] = {}
+    used: set[GpuId] = set(taken)
+
+    def search(depth: int) -> bool:
+        if depth == len(order):
+            return True
+        slot = order[depth]
+        for g in groups:
+            ids = {(g.node, x) for x in g.gpus}
+            if len(g.gpus) != tps[slot] or ids & used:
+                continue
+            used.update(ids)
+            result[slot] = g
+            if search(depth + 1):
+                return True
+            used.difference_update(ids)
+        return False
+
+    return [result[i] for i in range(len(tps))] if search(0) else None
+
+
+def _place_runs(
+    cluster: Cluster, tps: Sequence[int], taken: frozenset[GpuId]
+) -> list[GpuGroup] | None:
+    """Best-fit placement into the free runs of the islands (see :func:`place_groups`)."""
     runs = _free_runs(cluster, taken)
     order = sorted(range(len(tps)), key=lambda i: (-tps[i], i))
     sizes = [tps[i] for i in order]

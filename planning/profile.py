@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from planning.cost_model import (
 )
 
 MLP_KINDS: tuple[str, ...] = ("gated", "plain", "moe")
+
+# Every coefficient of the (linear) step cost model: scaling them all scales every latency.
+COST_COEFFICIENTS = tuple(f.name for f in fields(StepCostModel) if f.name.startswith("c_"))
 
 
 class UnknownModelError(KeyError):
@@ -591,3 +594,18 @@ def _as_twin(
         fit_mape=p.fit_mape,
         activation_bytes_per_gpu=p.activation_bytes_per_gpu,
     )
+
+
+def scaled_profile(profile: ModelProfile, scale: float) -> ModelProfile:
+    """``profile`` with every step latency and its load time multiplied by ``scale``.
+
+    NOTE(profile): the step model is linear in its coefficients, so scaling them scales every
+    step latency exactly, closed-form decode runs included; ``simulate`` needs no wrapper.
+    """
+    if scale == 1.0:
+        return profile
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"latency scale must be a positive finite number, got {scale}")
+    coeffs = {name: getattr(profile.step, name) * scale for name in COST_COEFFICIENTS}
+    step = replace(profile.step, **coeffs)
+    return replace(profile, step=step, load_time_s=profile.load_time_s * scale)

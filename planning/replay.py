@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
 from planning.batching_sim import EngineConfig
-from planning.cluster import Cluster, GpuId
+from planning.cluster import Cluster, GpuGroup, GpuId
 from planning.estimate import ServingConfig, engine_for
 from planning.graph import AppGraph
 from planning.plan import Assignment, Plan, Timeline
@@ -40,6 +41,10 @@ class PlanContext:
     units: tuple[Unit, ...]
     cluster: Cluster
     serving: ServingConfig
+    # mid-run re-plan: unit -> the run it has now (loaded; continuing it costs no load)
+    resident: Mapping[int, Assignment] = field(default_factory=dict)
+    # mid-run re-plan: the GPU groups that have a worker (None = any group of the cluster)
+    allowed: frozenset[GpuGroup] | None = None
     _engines: dict[tuple[str, int], EngineConfig] = field(default_factory=dict)
 
     def profile(self, unit: int, tp: int) -> ModelProfile:
@@ -55,6 +60,13 @@ class PlanContext:
             eng = engine_for(profile, KNOWN_GPUS[profile.gpu], self.serving)
             self._engines[key] = eng
         return eng
+
+    def continues(self, a: Assignment) -> bool:
+        """Whether ``a`` is the run its unit has now (same tp, dp and GPU groups)."""
+        now = self.resident.get(a.unit)
+        return now is not None and (now.tp, now.dp) == (a.tp, a.dp) and set(
+            now.groups
+        ) == set(a.groups)
 
     def tps(self, unit: int) -> tuple[int, ...]:
         """Tensor-parallel degrees the unit's model may use, ascending."""
@@ -82,7 +94,7 @@ class ReplayState:
         n = len(ctx.units)
         self.done: list[NDArray[np.bool_]] = [np.zeros(u.num_requests, bool) for u in ctx.units]
         self.finish: list[FloatArray] = [np.full(u.num_requests, math.nan) for u in ctx.units]
-        self.gen: list[IntArray] = [np.zeros(u.num_requests, np.int64) for u in ctx.units]
+        self.gen: list[IntArray] = [g.copy() for g in draw.generated]  # prefix per request
         self.live: list[_Live | None] = [None] * n
         self.first_start: list[float] = [math.nan] * n
         self.unit_finish: list[float] = [math.nan] * n
@@ -158,6 +170,8 @@ class ReplayState:
             self.runs.append(None)
             return
         load = self.ctx.profile(u, a.tp).load_time_s
+        if t0 == 0.0 and not self.started(u) and self.ctx.continues(a):
+            load = 0.0  # the engine is already up: the run goes on
         work, index = self._work(u, t0 + load)
         run = run_work(
             work, self.ctx.engine(u, a.tp), self.ctx.profile(u, a.tp).step, a.dp, budget=self.budget

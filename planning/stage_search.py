@@ -159,9 +159,14 @@ class StageSearch:
             min(o.load_s + o.est_s for o in self.options[u]) for u in range(len(tables))
         ]
 
-    def run(self, method: str = "samullm") -> tuple[Plan, ReplayState]:
-        """Search from the empty plan to a complete one."""
+    def run(
+        self, method: str = "samullm", *, start: ReplayState | None = None
+    ) -> tuple[Plan, ReplayState]:
+        """Search from the empty plan (or from ``start``: runs already applied at time 0, a
+        mid-run re-plan that keeps them) to a complete one."""
         state = ReplayState(self.ctx, self.draw, self.budget)
+        if start is not None:
+            state = start.clone()
         state = self._complete(state, 0.0, 0, rollouts=True)
         return Plan(method, tuple(state.assignments)), state
 
@@ -383,7 +388,14 @@ class StageSearch:
     ) -> list[list[GpuGroup]] | None:
         taken = _held_gpus(state, t, {c.unit for c in combo if c.grow})
         tps = [c.option.tp for c in combo for _ in range(c.option.dp)]
-        groups = place_groups(self.ctx.cluster, tps, taken=frozenset(taken))
+        prefer: list[GpuGroup | None] = []
+        for c in combo:  # a model keeps the GPUs it runs on now where it can
+            now = self.ctx.resident.get(c.unit)
+            mine = list(now.groups) if now is not None and not state.started(c.unit) else []
+            prefer += [mine[i] if i < len(mine) else None for i in range(c.option.dp)]
+        groups = place_groups(
+            self.ctx.cluster, tps, taken=frozenset(taken), prefer=prefer, allowed=self.ctx.allowed
+        )
         if groups is None:
             return None
         out, k = [], 0

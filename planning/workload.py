@@ -45,6 +45,7 @@ class Draw:
 
     prompt: tuple[IntArray, ...]  # tokens per request of each unit
     output: tuple[IntArray, ...]  # tokens per request of each unit
+    generated: tuple[IntArray, ...]  # tokens per request of each unit generated before (prefix)
 
 
 def _chains(graph: AppGraph, fuse: bool) -> list[list[int]]:
@@ -143,11 +144,21 @@ def realise(graph: AppGraph, units: tuple[Unit, ...], rng: np.random.Generator) 
         out = info.lengths.sample(
             rng, call.num_requests, max_tokens=call.max_tokens, context_left=room, prompt_len=prompt
         )
+        if call.generated is not None and (call.generated > 0).any():
+            # a request that already produced g tokens runs past g: draw from L | L > g
+            part = call.generated > 0
+            out[part] = info.lengths.sample_conditional(
+                rng, call.generated[part], max_tokens=call.max_tokens[part],
+                context_left=np.maximum(room[part], call.generated[part] + 1),
+                prompt_len=prompt[part],
+            )  # fmt: skip
         prompts[i], outs[i] = prompt, out.astype(np.int64)
-    return Draw(
-        prompt=tuple(np.concatenate([prompts[c] for c in u.calls]) for u in units),
-        output=tuple(np.concatenate([outs[c] for c in u.calls]) for u in units),
-    )
+
+    def per_unit(arrays: dict[int, IntArray]) -> tuple[IntArray, ...]:
+        return tuple(np.concatenate([arrays[c] for c in u.calls]) for u in units)
+
+    gens = {i: np.minimum(c.prefix(), outs[i] - 1) for i, c in enumerate(graph.calls)}
+    return Draw(prompt=per_unit(prompts), output=per_unit(outs), generated=per_unit(gens))
 
 
 def realise_draws(

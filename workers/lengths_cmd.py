@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from apps.app_spec import dataset_rows
 from apps.cluster_spec import SpecError
+from apps.datasets import dataset_rows
 from planning.estimate import serving_for
 from planning.io.files import atomic_write_text
 from planning.io.lengths import LengthDataError, load_observations, save_distribution

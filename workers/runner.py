@@ -56,6 +56,8 @@ def engine_request(item: RequestItem) -> EngineRequest:
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
         ignore_eos=s.ignore_eos, generated_text=item.generated_text,
         generated_tokens=item.generated_tokens,
+        messages=tuple((m.role, m.content) for m in item.messages), choices=item.choices,
+        completion=item.completion,
     )  # fmt: skip
 
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +35,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apps.cluster_spec import SpecError, _read, spec_error
 from coordinator.settings import load_settings
-from planning.cost_model import StepCostModel
 from planning.io.lengths import AuthorsPdfs, load_authors_pdfs
 from planning.io.profiles import load_default_profiles, read_profiles
 from planning.length_dist import LengthDistribution
-from planning.profile import GpuSpec, ModelProfile, ProfileSet, UnknownModelError
+from planning.profile import (
+    GpuSpec,
+    ModelProfile,
+    ProfileSet,
+    UnknownModelError,
+    scaled_profile,
+)
 
 DEFAULT_TRUTH_SEED = 20261123  # deliberately not the planner's seed (0)
-# Every coefficient of the (linear) step cost model: scaling them all scales every latency.
-_COST_COEFFICIENTS = tuple(f.name for f in fields(StepCostModel) if f.name.startswith("c_"))
 
 
 class TruthError(ValueError):
@@ -242,18 +244,3 @@ class TruthWorld:
                 f"truth: no profile for model {model!r} at tp={tp} in {where}: {e}; give the "
                 "truth file a `profiles:` set with a profile or an architecture for it"
             ) from None
-
-
-def scaled_profile(profile: ModelProfile, scale: float) -> ModelProfile:
-    """``profile`` with every step latency and its load time multiplied by ``scale``.
-
-    NOTE(truth): the step model is linear in its coefficients, so scaling them scales every
-    step latency exactly, closed-form decode runs included; ``simulate`` needs no wrapper.
-    """
-    if scale == 1.0:
-        return profile
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"latency scale must be a positive finite number, got {scale}")
-    coeffs = {name: getattr(profile.step, name) * scale for name in _COST_COEFFICIENTS}
-    step = replace(profile.step, **coeffs)
-    return replace(profile, step=step, load_time_s=profile.load_time_s * scale)

@@ -16,11 +16,9 @@ import yaml
 from apps.app_spec import LoadedApp, Rejection, Sampling, load_app, parse_app
 from apps.cluster_spec import SpecError
 from apps.tokens import estimate_tokens
-from coordinator.settings import load_settings
 from planning.cluster import Cluster, Node, candidate_exec_plans
 from planning.estimate import ServingConfig
-from planning.io.lengths import AuthorsPdfs, load_authors_pdfs, save_distribution
-from planning.io.profiles import load_default_profiles
+from planning.io.lengths import AuthorsPdfs, save_distribution
 from planning.length_dist import LengthDistribution
 from planning.profile import ProfileSet
 
@@ -30,19 +28,6 @@ LLAMA70 = "meta-llama/Llama-2-70b-chat-hf"
 PAIRS = Cluster((Node("n0", "A100-80GB", 8, ((0, 1), (2, 3), (4, 5), (6, 7))),))
 DEFAULT_SERVING = ServingConfig()
 SINGLES = Cluster((Node("n0", "A100-80GB", 8, tuple((i,) for i in range(8))),))
-
-
-@pytest.fixture(scope="module")
-def profiles() -> ProfileSet:
-    return load_default_profiles()
-
-
-@pytest.fixture(scope="module")
-def pdfs() -> AuthorsPdfs:
-    path = load_settings().default_lengths
-    if not path.is_file():
-        pytest.skip(f"shared data absent: {path}")
-    return load_authors_pdfs(path)
 
 
 Loader = Callable[..., LoadedApp]
@@ -200,7 +185,9 @@ def test_over_long_prompt_is_rejected_with_its_downstream(load: Loader) -> None:
         "(at least 1 output token is needed)"
     )
     assert "prompt of 4096 tokens" in by[("vicuna", "edge")]
-    assert by[("judge", "long")] == "upstream request 'long' of node 'vicuna' was rejected"
+    assert by[("judge", "long")] == (
+        "upstream request 'long' of node 'vicuna' was rejected: " + by[("vicuna", "long")]
+    )
     calls = _calls(app)
     assert calls["vicuna"].request_ids == ("p0", "p1", "p2", "p3", "fits")
     assert calls["llama"].request_ids == ("p0", "p1", "p2", "p3", "long", "edge", "fits")
@@ -302,28 +289,50 @@ def test_cluster_without_the_profile_gpu(load: Loader) -> None:
         load(_ensemble(), {"data/prompts.csv": PROMPTS}, cluster=h100)
 
 
-def test_csv_bad_prompt_tokens_names_line(load: Loader) -> None:
+def test_csv_bad_prompt_tokens_is_an_error_of_that_row(load: Loader) -> None:
     rows = "id,prompt_tokens\na,10\nb,ten\n"
-    with pytest.raises(SpecError) as e:
-        load(_ensemble(), {"data/prompts.csv": rows})
-    msg = str(e.value)
-    assert msg.startswith(str(Path(msg.split(":")[0])))
-    assert "app.yaml: datasets.prompts: " in msg
-    assert "prompts.csv:3: column 'prompt_tokens': expected an integer >= 1, got 'ten'" in msg
+    app = load(_ensemble(), {"data/prompts.csv": rows})
+    bad = [r for r in app.rejected if r.node == "datasets.prompts"]
+    assert [r.request_id for r in bad] == ["b"]
+    assert "prompts.csv:3: column 'prompt_tokens': expected an integer >= 1, got 'ten'" in (
+        bad[0].reason
+    )
+    assert all("b" not in c.request_ids for c in app.graph.calls)  # the other row goes on
+    assert all(c.request_ids == ("a",) for c in app.graph.calls)
+
+
+@pytest.mark.parametrize(
+    ("rows", "rid", "words"),
+    [
+        ("id,prompt_tokens\na,10\na,11\nb,3\n", "a", "prompts.csv:3: column 'id': duplicate id"),
+        ("id,prompt_tokens\na,0\nb,3\n", "a", "prompts.csv:2: column 'prompt_tokens'"),
+    ],
+)
+def test_bad_dataset_rows_are_rejected_one_by_one(
+    load: Loader, rows: str, rid: str, words: str
+) -> None:
+    app = load(_ensemble(), {"data/prompts.csv": rows})
+    bad = [r for r in app.rejected if r.node == "datasets.prompts"]
+    assert [r.request_id for r in bad] == [rid]
+    assert words in bad[0].reason
+
+
+def test_rows_without_prompt_are_rejected_per_node(load: Loader) -> None:
+    app = load(_ensemble(), {"data/prompts.csv": "id,prompt_tokens,prompt\na,,\nb,4,\n"})
+    assert {r.request_id for r in app.rejected} == {"a"}
+    assert "prompts.csv:2: needs column 'prompt_tokens' or 'prompt'" in app.rejected[0].reason
 
 
 @pytest.mark.parametrize(
     ("rows", "words"),
     [
-        ("id,prompt_tokens\na,10\na,11\n", "prompts.csv:3: column 'id': duplicate id 'a'"),
-        ("id,prompt_tokens\na,0\n", "prompts.csv:2: column 'prompt_tokens'"),
-        ("id,prompt_tokens,prompt\na,,\n", "prompts.csv:2: needs column 'prompt_tokens' or"),
-        ("id,text\na,hi\n", "prompts.csv:1: needs a 'prompt_tokens' or 'prompt' column"),
-        ("id,prompt_tokens\n", "no rows"),
+        ("id,text\na,hi\n", "needs column 'prompt_tokens' or 'prompt'"),
+        ("id,prompt_tokens\n", "no usable rows"),
+        ("id,prompt_tokens\na,0\n", "no usable rows (first: "),
     ],
 )
-def test_bad_dataset_rows(load: Loader, rows: str, words: str) -> None:
-    with pytest.raises(SpecError, match="app.yaml: datasets.prompts: ") as e:
+def test_unusable_datasets_are_refused(load: Loader, rows: str, words: str) -> None:
+    with pytest.raises(SpecError, match="app.yaml: ") as e:
         load(_ensemble(), {"data/prompts.csv": rows})
     assert words in str(e.value)
 
@@ -424,9 +433,9 @@ BAD: list[tuple[str, Edit, str, str]] = [
     ("dup model", _set("models[1].id", VICUNA), "models[1].id",
      "duplicate model 'lmsys/vicuna-13b-v1.5' (also models[0])"),
     ("both", _set("nodes[0].chain", {"dataset": "prompts", "chunk_tokens": 10}), "nodes[0]",
-     "give exactly one of input or chain"),
+     "give exactly one of input, chain and route"),
     ("neither", lambda d: d["nodes"][0].pop("input") and None, "nodes[0]",
-     "give exactly one of input or chain"),
+     "give exactly one of input, chain and route"),
     ("input empty", _set("nodes[0].input", {"repeat": 2}), "nodes[0].input",
      "input needs a dataset or nodes"),
     ("input key", _set("nodes[0].input.filter", {}), "nodes[0].input.filter", "Extra inputs"),

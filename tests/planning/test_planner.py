@@ -16,8 +16,6 @@ from planning.cluster import Cluster, Node
 from planning.estimate import ServingConfig
 from planning.exhaustive import exhaustive_plan
 from planning.graph import AppGraph, Dep, LlmCall, ModelInfo
-from planning.io.lengths import load_authors_pdfs
-from planning.io.profiles import load_default_profiles
 from planning.plan import Plan
 from planning.planner import PlannerConfig, plan_app
 from planning.replay import PlanContext, ReplayState
@@ -31,16 +29,6 @@ pytestmark = pytest.mark.skipif(not PDFS.exists(), reason="../shared data not pr
 PAIRS = Cluster((Node("n0", "A100-80GB", 8, ((0, 1), (2, 3), (4, 5), (6, 7))),))
 ONE_ISLAND4 = Cluster((Node("n0", "A100-80GB", 4, ((0, 1, 2, 3),)),))
 MODELS = ("lmsys/vicuna-13b-v1.5", "databricks/dolly-v2-12b", "mosaicml/mpt-7b-chat")
-
-
-@pytest.fixture(scope="module")
-def profiles():
-    return load_default_profiles()
-
-
-@pytest.fixture(scope="module")
-def pdfs():
-    return load_authors_pdfs(PDFS)
 
 
 def _infos(profiles, pdfs, models, tps=(1, 2)):

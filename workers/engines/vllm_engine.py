@@ -443,18 +443,25 @@ class VllmEngine:
         self._load_s = time.perf_counter() - start  # s
         self._last_s = 0.0  # s
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a prompt as the engine sees it (chat template applied when in use)."""
-        if self._chat:
+    def prompt_ids(
+        self, prompt: str, messages: tuple[tuple[str, str], ...] = (), *, raw: bool = False
+    ) -> list[int]:
+        """Token ids of a prompt (or of chat messages) as the engine sees it: through the chat
+        template when in use and not ``raw`` (an OpenAI /v1/completions prompt); without one,
+        messages are their contents, one per paragraph."""
+        chat = [{"role": r, "content": c} for r, c in messages] or [
+            {"role": "user", "content": prompt}
+        ]
+        if self._chat and not raw:
             text = self._tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                chat, tokenize=False, add_generation_prompt=True
             )
             return list(self._tokenizer.encode(text, add_special_tokens=False))
-        return list(self._tokenizer.encode(prompt))
+        return list(self._tokenizer.encode("\n\n".join(m["content"] for m in chat)))
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue ``request`` (with its prefix, if resumed) for the next step."""
-        ids = self.prompt_ids(request.prompt)
+        ids = self.prompt_ids(request.prompt, request.messages, raw=request.completion)
         if request.generated_text:
             ids += self._tokenizer.encode(request.generated_text, add_special_tokens=False)
         left = request.max_tokens - request.generated_tokens
