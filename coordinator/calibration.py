@@ -37,6 +37,10 @@ MIN_WINDOWS = 3  # observations before the scale leaves 1
 MIN_STEPS = 4  # engine steps a window needs to count
 MAX_PREFILL_SHARE = 0.25  # of a window's predicted time; above it the window is not used
 MAX_LOG_RATIO = math.log(20.0)  # a ratio beyond 20x either way is a glitch, not a belief error
+# NOTE(calibration): windows that disagree this much (standard error of the mean log ratio) do
+# not yet say how fast the model is; the scale stays 1 until they agree better. One noisy
+# window of a 1.0x model could read 1.6x with log stderr 0.3 in the runtime tests.
+MAX_LOG_STDERR = 0.1
 
 
 @dataclass(slots=True)
@@ -59,8 +63,11 @@ class LatencyCalibration:
 
     @property
     def scale(self) -> float:
-        """Latency multiplier to apply to the model's profile (1 until enough windows)."""
-        return math.exp(self.mean) if self.n >= MIN_WINDOWS else 1.0
+        """Latency multiplier to apply to the model's profile (1 until enough windows agree:
+        at least MIN_WINDOWS, with a standard error of the log at most MAX_LOG_STDERR)."""
+        if self.n < MIN_WINDOWS or self.stderr > MAX_LOG_STDERR:
+            return 1.0
+        return math.exp(self.mean)
 
     @property
     def stderr(self) -> float:

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--method", default="samullm",
                    choices=("samullm", "sequential", "naive", "muxserve", "static"),
                    help="run our plan or a baseline's")
+    p.add_argument("--scheduler", choices=("v1", "legacy030"), default="v1",
+                   help="engine batching the planner simulates: vLLM V1 or vLLM 0.3.0 (the "
+                        "measured A100 world: --truth examples/paper/truth_a100.yaml)")
     p.add_argument("--gantt", type=Path, metavar="FILE.png",
                    help="draw the plan vs what ran, per GPU, to this PNG (needs matplotlib)")
     p.add_argument("--no-adjust", action="store_true",
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     req = RunRequest(
         app=args.app, cluster=args.cluster,
         options=JobOptions(draws=args.draws, seed=args.seed, method=args.method,
-                           adjust=not args.no_adjust),
+                           scheduler=args.scheduler, adjust=not args.no_adjust),
         time_scale=args.time_scale, out=args.out, broker=args.broker, live=not args.json
         and sys.stderr.isatty(), log_dir=args.log_dir, profiles=args.profiles, engine=engine,
         out_format=args.out_format, truth=args.truth, gantt=args.gantt,
@@ -113,7 +116,7 @@ def pick_engine(engine: str, cluster: Cluster) -> str:
 def execute(req: Any) -> dict[str, Any]:
     """Run a :class:`coordinator.local.RunRequest` (local stack, or ``req.broker``); summary."""
     from coordinator.client import Client, JobFailed
-    from coordinator.local import follow, local_stack, start_workers
+    from coordinator.local import follow, local_stack, start_sim_workers, start_workers
 
     t0 = time.monotonic()
     if req.broker:
@@ -126,6 +129,11 @@ def execute(req: Any) -> dict[str, Any]:
             return {"job_id": job.id, "status": "failed", "error": str(e)}
         return _summary(job, st, req, time.monotonic() - t0)
     with local_stack(req) as (url, procs):
+        try:
+            if req.engine == "sim":  # up before the job, so its clock counts no start-up
+                start_sim_workers(procs, url, req, PLAN_TIMEOUT_S)
+        except TimeoutError as e:
+            return {"status": "failed", "error": str(e)}
         job = Client(url).submit(
             req.app, cluster=req.cluster, options=req.options, profiles=req.profiles
         )

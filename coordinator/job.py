@@ -63,6 +63,7 @@ class JobModel:
     draws: int = 5  # length draws the plan was estimated with
     seed: int = 0  # planner seed
     adjust: bool = True  # re-plan the rest at run time (coordinator/adjust.py)
+    lower_bound_s: float = 0.0  # s; the planner's lower bound on the makespan (first draw)
 
     @property
     def plan(self) -> Plan:
@@ -133,7 +134,7 @@ def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
             profiles = profiles_from_json(json.dumps(sub.profiles), f"{sub.name} (profiles)")
         except ProfileError as e:
             raise SpecError(str(e)) from None
-    serving = serving_for(profiles.gpu.name)
+    serving = replace(serving_for(profiles.gpu.name), mode=sub.options.scheduler)
     loaded = parse_app(
         sub.app, sub.name, "/", cluster=cluster, profiles=profiles,
         authors_pdfs=load_authors_pdfs(shared_lengths), serving=serving,
@@ -163,6 +164,7 @@ def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
         sub.job_id, loaded, cluster, serving, est, units, reqs, unit_keys,
         {k: tuple(v) for k, v in downstream.items()}, sampling, plan_s, _likes(sub.app), routes,
         opts.draws, opts.seed, opts.adjust and opts.method == "samullm",
+        report.lower_bound or 0.0,
     )  # fmt: skip
 
 

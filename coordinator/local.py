@@ -29,7 +29,9 @@ from apps.cluster_spec import load_cluster
 from coordinator.client import Job
 from coordinator.messages import JobOptions
 from coordinator.redis_server import RedisServer
-from planning.cluster import Cluster
+from coordinator.service import read_workers
+from coordinator.store import connect
+from planning.cluster import Cluster, GpuGroup
 
 STOP_WAIT_S = 3.0  # s a process gets to exit after SIGTERM
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
@@ -114,18 +116,54 @@ def local_stack(req: RunRequest) -> Iterator[tuple[str, _Procs]]:
 def start_workers(job: Job, procs: _Procs, url: str, req: RunRequest, timeout: float) -> int:
     """One worker per GPU group of the job's plan (``req.engine``); on the sim engine also one
     per other group a re-plan may use (every aligned power-of-two run of each NVLink island),
-    since sim workers cost little. Returns how many."""
+    since sim workers cost little. Groups with a worker already are skipped. Returns how many
+    groups have one."""
     plan = _wait_plan(job, timeout)
     groups = {(g["node"], tuple(g["gpus"])) for a in plan["assignments"] for g in a["gpu_groups"]}
     if req.engine == "sim":
         groups |= island_groups(load_cluster(req.cluster))
+    _start_groups(procs, url, req, groups)
+    return len(groups)
+
+
+def start_sim_workers(procs: _Procs, url: str, req: RunRequest, timeout: float) -> int:
+    """Before any job: a sim worker per aligned island group of ``req.cluster``, waiting until
+    each one's heartbeat says it consumes its queue, so no job's clock counts worker start-up.
+    Returns how many.
+
+    Raises:
+        TimeoutError: a worker did not come up within ``timeout`` s (names them).
+    """
+    groups = island_groups(load_cluster(req.cluster))
+    queues = _start_groups(procs, url, req, groups)
+    r = connect(url)
+    end = time.monotonic() + timeout
+    while (missing := set(queues) - _consuming(r)) and time.monotonic() < end:
+        time.sleep(0.1)
+    if missing:
+        raise TimeoutError(f"sim workers not up after {timeout:.0f} s: {sorted(missing)}")
+    return len(groups)
+
+
+def _consuming(r: Any) -> set[str]:
+    return {q for q, w in read_workers(r).items() if w.consuming}
+
+
+def _start_groups(
+    procs: _Procs, url: str, req: RunRequest, groups: set[tuple[str, tuple[int, ...]]]
+) -> list[str]:
+    """Start a worker for each group without one; the queues of all of ``groups``."""
+    queues = []
     for node, gpus in sorted(groups):
+        queues.append(GpuGroup(node, gpus).queue_name)
         name = f"worker-{node}-gpu{'_'.join(map(str, gpus))}"
+        if name in procs.by_name:
+            continue
         procs.start(name, _cli("worker", "--gpus", ",".join(map(str, gpus)), "--node", node,
                                "--engine", req.engine, "--time-scale", str(req.time_scale),
                                "--broker", url, "--loglevel", "WARNING",
                                *(["--truth", str(req.truth)] if req.truth else [])))  # fmt: skip
-    return len(groups)
+    return queues
 
 
 def island_groups(cluster: Cluster) -> set[tuple[str, tuple[int, ...]]]:

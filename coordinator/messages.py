@@ -203,6 +203,7 @@ class WorkerInfo(Message):
     heartbeat_at: float  # unix s
     time_scale: float | None = None  # sim workers: real s per simulated s
     task_id: str | None = None  # the task it runs now
+    consuming: bool = False  # Celery consumes the worker's queue (takes tasks right away)
 
 
 class BeliefScale(Message):
@@ -224,6 +225,9 @@ class JobOptions(Message):
     # what the planner is told instead of its profiles and length pdfs, per model id: an
     # ``oracle`` run of a benchmark gives it the truth's distortions
     belief: dict[str, BeliefScale] = Field(default_factory=dict)
+    # how the engines batch, as the planner simulates it: vLLM V1 (chunked prefill, mixed
+    # steps) or vLLM 0.3.0 (padded prefill-only or decode-only steps; the measured A100 world)
+    scheduler: Literal["v1", "legacy030"] = "v1"
 
 
 class JobSubmission(Message):

@@ -181,7 +181,7 @@ class JobRun:
             out = RequestOutput.model_validate_json(fields[b"data"])
             if out.finish_reason == "stop":
                 self.stopped.add(out.key)
-            self._on_commit(out.key, out.output_tokens)
+            self._on_commit(out.key, out.output_tokens, self.stamp(fields))
         elif kind == "result":
             self._on_result(StageResult.model_validate_json(fields[b"data"]))
         elif kind == "started":
@@ -197,7 +197,8 @@ class JobRun:
                 self._save(rec)
 
     def stamp(self, fields: dict[bytes, bytes]) -> float:
-        """The unix time of an event: the worker's ``at`` stamp, else now."""
+        """The unix time of an event: its ``at`` (the worker's stamp, else the stream entry's
+        time, coordinator/service.py), else now."""
         return float(fields.get(b"at", b"0")) or self.now()
 
     def on_progress(self, fields: dict[bytes, bytes]) -> None:
@@ -238,11 +239,12 @@ class JobRun:
         running = {k: n for t in self.live.values() for k, n in t.tokens.items()}
         return Seen(self.done, self.stopped, running, self.prompt_tokens)
 
-    def _on_commit(self, key: str, tokens: int) -> None:
+    def _on_commit(self, key: str, tokens: int, at: float) -> None:
+        """``at``: when the commit happened (unix s), not when the coordinator reads it."""
         if key in self.done:
             return
         self.done[key] = tokens
-        self.t_last_commit = self.now()
+        self.t_last_commit = max(self.t_last_commit, at)
         self.r.hset(self.k.state, "last_commit_at", self.t_last_commit)
         self.partial.pop(key, None)
         if key in self.job.routes:

@@ -100,9 +100,9 @@ class Coordinator:
                                 block=None if pending else BLOCK_MS)  # fmt: skip
         for stream, entries in got or []:
             name = decode(stream)
-            for _, fields in entries:
+            for entry_id, fields in entries:
                 if fields:  # a pending entry already deleted by MAXLEN reads as empty
-                    self._apply(name, fields)
+                    self._apply(name, _stamped(entry_id, fields))
             if entries:  # acknowledged once applied (a crash before this replays them)
                 self._store_marks()
                 self.r.xack(name, COORDINATOR_GROUP, *[entry_id for entry_id, _ in entries])
@@ -164,6 +164,7 @@ class Coordinator:
         self.r.hset(k.state, mapping={
             "status": "running", "planned_makespan_s": job.estimate.p50,
             "planned_p90_s": job.estimate.p90, "plan_seconds": job.plan_seconds,
+            "lower_bound_s": job.lower_bound_s,
             "requests_total": len(job.reqs), "rejected": len(job.loaded.rejected),
             "export_meta": json.dumps(export_meta(job)),
         })  # fmt: skip
@@ -184,7 +185,7 @@ class Coordinator:
         for stream, entries in got or []:
             for entry_id, fields in entries:
                 if fields:
-                    self._apply(decode(stream), fields)
+                    self._apply(decode(stream), _stamped(entry_id, fields))
                 self._store_marks()
                 self.r.xack(decode(stream), COORDINATOR_GROUP, entry_id)
 
@@ -232,8 +233,8 @@ class Coordinator:
         marks = self.marks.setdefault(run.job.job_id, {})
         model = run.job.model(unit)
         old = marks.get(model, Marks())
-        if kind == "commit":  # JobRun has just set t_last_commit for it
-            marks[model] = Marks(old.start_at, run.t_last_commit)
+        if kind == "commit":  # when Redis took the commit, not when it was read
+            marks[model] = Marks(old.start_at, max(old.end_at, run.stamp(fields)))
         else:  # the earliest start, taken as JobRun takes t_start
             at = run.stamp(fields)
             if old.start_at and old.start_at <= at:
@@ -338,6 +339,15 @@ def _unit_eta(
                                 run.estimates.latency_scale(model), stretch)  # fmt: skip
     except (ValueError, KeyError):
         return 0.0
+
+
+def _stamped(entry_id: bytes | str, fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """``fields`` with ``at`` = the entry's Redis time (unix s, ms resolution) unless the writer
+    stamped it: a commit's time is when Redis took it, however late the coordinator reads it."""
+    if b"at" in fields:
+        return fields
+    ms = decode(entry_id).split("-", 1)[0]
+    return {**fields, b"at": str(int(ms) / 1000).encode()}
 
 
 def _time_scale(run: JobRun, workers: dict[str, WorkerInfo]) -> float:

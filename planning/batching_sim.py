@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from planning.cost_model import StepCostModel
+from planning.cost_model import StepCost
 
 Mode = Literal["v1", "legacy030"]
 
@@ -311,7 +311,7 @@ class ReplicaSim:
         self,
         requests: Sequence[SimRequest],
         engine: EngineConfig,
-        cost: StepCostModel,
+        cost: StepCost,
         *,
         record_steps: bool = False,
         bulk: bool = True,
@@ -439,7 +439,7 @@ class ReplicaSim:
     def _run_segment(self, k: int) -> _Segment:
         n, ctx = self.dec.n, self.dec.computed(self.ds) + self.dec.n
         first = self.cost.step_latency(0, n, n, ctx, 0.0)
-        growth = self.cost.c_context * n
+        growth = self.cost.context_slope(n) * n
         return (self.s, k, self.t, first, growth, self.ds, 1)
 
     def _steps_until(self, when: float, k_max: int) -> int:
@@ -791,7 +791,7 @@ def _targets(requests: Sequence[SimRequest], engine: EngineConfig) -> list[int]:
 def simulate(
     requests: Sequence[SimRequest],
     engine: EngineConfig,
-    cost: StepCostModel,
+    cost: StepCost,
     *,
     record_steps: bool = False,
     bulk: bool = True,
@@ -888,7 +888,7 @@ def _assign_chains(requests: Sequence[SimRequest], dp: int, policy: DpPolicy) ->
 def simulate_dp(
     requests: Sequence[SimRequest],
     engine: EngineConfig,
-    cost: StepCostModel,
+    cost: StepCost,
     dp: int,
     *,
     policy: DpPolicy = "round_robin",

@@ -26,10 +26,32 @@ tensor-parallel degree). See docs/cost-model.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 FEATURES: tuple[str, ...] = ("const", "tokens", "tokens_over_knee", "seqs", "context", "attn")
+
+
+class StepCost(Protocol):
+    """What the batching simulator asks of a step cost: :class:`StepCostModel` (the planner's
+    fitted model) or a truth that looks steps up in measurements (workers/measured_steps.py)."""
+
+    def step_latency(
+        self,
+        prefill_tokens: int,
+        decode_seqs: int,
+        num_seqs: int,
+        context_tokens: int,
+        attn_pairs: float,
+    ) -> float:
+        """Seconds for one step."""
+
+    def context_slope(self, num_seqs: int) -> float:
+        """Seconds one more KV token adds to a decode-only step of ``num_seqs`` sequences."""
+
+    def decode_run_latency(self, num_seqs: int, context_tokens: int, steps: int) -> float:
+        """Total seconds of ``steps`` decode-only steps, the context growing by ``num_seqs``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +95,10 @@ class StepCostModel:
             + self.c_context * context_tokens
             + self.c_attn * attn_pairs
         )
+
+    def context_slope(self, num_seqs: int) -> float:
+        """Seconds one more KV token adds to a decode-only step (the same at every size)."""
+        return self.c_context
 
     def decode_run_latency(self, num_seqs: int, context_tokens: int, steps: int) -> float:
         """Total seconds of ``steps`` consecutive decode-only steps.

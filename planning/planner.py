@@ -74,7 +74,7 @@ class PlanReport:
     chosen_from: str  # "samullm" (the search) or the baseline whose plan was better
     searched: PlanEstimate  # the search's own plan
     baselines: dict[str, PlanEstimate]  # name -> estimate (empty without compare)
-    lower_bound: float | None  # s, under the first draw (None without compare)
+    lower_bound: float | None  # s, under the first draw
 
 
 def _estimate(
@@ -101,14 +101,15 @@ def plan_app(
     tables = build_tables(ctx, draws[0], cfg.search_budget)
     plan, _ = StageSearch(ctx, draws[0], tables, cfg.search, budget=cfg.search_budget).run()
     searched = _estimate(plan, ctx, draws, cfg.eval_budget)
+    bound = lower_bound(ctx, tables)
     if not compare:
-        return PlanReport(searched, "samullm", searched, {}, None)
+        return PlanReport(searched, "samullm", searched, {}, bound)
     baselines = _baselines(graph, ctx, draws, tables, cfg)
     best, chosen = searched, "samullm"
     for name, est in baselines.items():
         if est.mean < best.mean - 1e-9:
             best, chosen = est, name
-    return PlanReport(best, chosen, searched, baselines, lower_bound(ctx, tables))
+    return PlanReport(best, chosen, searched, baselines, bound)
 
 
 def _baselines(

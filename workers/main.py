@@ -55,7 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _heartbeat(args: argparse.Namespace, queue: str, ready: Any, stop: Any) -> None:
+def _heartbeat(
+    args: argparse.Namespace, queue: str, ready: Any, stop: Any, consuming: Any
+) -> None:
     """Refresh the worker's :class:`WorkerInfo` every HEARTBEAT_S, from a forked child process.
 
     A process of its own, so a worker busy in Python (an engine load, a long step) never misses a
@@ -77,12 +79,17 @@ def _heartbeat(args: argparse.Namespace, queue: str, ready: Any, stop: Any) -> N
             host=socket.gethostname(), pid=worker_pid, started_at=started,
             heartbeat_at=time.time(),
             time_scale=args.time_scale if args.engine == "sim" else None,
+            consuming=consuming.is_set(),
         )  # fmt: skip
         try:
             r.hset(WORKERS, queue, info.to_json())
         except Exception:  # noqa: BLE001 - Redis down: retry at the next beat
             logging.getLogger(__name__).warning("heartbeat failed", exc_info=True)
-        stop.wait(HEARTBEAT_S)
+        # the next beat at once when Celery starts consuming, else after HEARTBEAT_S
+        if info.consuming:
+            stop.wait(HEARTBEAT_S)
+        else:
+            consuming.wait(HEARTBEAT_S)
     r.hdel(WORKERS, queue)
 
 
@@ -93,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     queue = queue_name(args.node, args.gpus)
     # Forked now, before torch or vLLM is imported (neither survives a fork well).
     ctx = multiprocessing.get_context("fork")
-    ready, stop = ctx.Event(), ctx.Event()
-    beat = ctx.Process(target=_heartbeat, args=(args, queue, ready, stop), daemon=True)
+    ready, stop, consuming = ctx.Event(), ctx.Event(), ctx.Event()
+    beat = ctx.Process(target=_heartbeat, args=(args, queue, ready, stop, consuming),
+                       daemon=True)  # fmt: skip
     beat.start()
     if args.engine == "vllm":
         from workers import devices
@@ -116,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from workers.truth import TruthWorld, load_truth
 
     truth = TruthWorld(load_truth(args.truth)) if args.engine == "sim" else None
+    if truth is not None:  # read the truth's files now, not inside the first task
+        truth.preload()
 
     def builder(key):  # type: ignore[no-untyped-def]
         return build_engine(args.engine, key, truth=truth, time_scale=args.time_scale)
@@ -123,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = celery_app.WorkerState(queue, args.broker, EngineCache(builder), truth)
     config = celery_config(args.broker, visibility_timeout_s=args.visibility_timeout)
     celery_app.configure(state, config)
+    from celery.signals import worker_ready
+
+    worker_ready.connect(lambda **_: consuming.set(), weak=False)
     ready.set()
     try:
         celery_app.app.worker_main([

@@ -15,10 +15,22 @@ A truth file (YAML, or JSON by suffix) looks like::
     seed: 7                      # default 20261123
     lengths: pdfs.json           # default: the shared authors' pdfs
     profiles: my_profiles.json   # default: the shipped profile set
+    steps: measured              # default profile: the profile set's step model
+    iterations: latencies.csv.gz # steps: measured; default: the shared A100 iteration records
+    load: measured               # default profile: the profile's load time
+    load_times: loads.json       # load: measured; default: the shared A100 load-time records
+    scheduler: legacy030         # default v1: how the virtual engine batches (vLLM 0.3.0 or V1)
     models:
       lmsys/vicuna-13b-v1.5: {length_scale: 2.0, latency_scale: 1.3}
 
 Relative paths are taken from the truth file's folder.
+
+``steps: measured`` answers every step from the raw A100 measurements
+(:mod:`workers.measured_steps`) instead of the fitted model the planner uses; ``load:
+measured`` takes one of the recorded load times of the (model, tp), picked by the truth's seed
+(the planner takes the fastest record of the preferred source); ``scheduler: legacy030`` replays
+vLLM 0.3.0's batching (what the measurements were taken on). :data:`A100_MEASURED` is that
+world: what ``bench/paper_repro.py`` runs.
 """
 
 from __future__ import annotations
@@ -28,15 +40,23 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apps.cluster_spec import SpecError, _read, spec_error
 from coordinator.settings import load_settings
+from planning.batching_sim import Mode
+from planning.cost_model import StepCost
 from planning.io.lengths import AuthorsPdfs, load_authors_pdfs
-from planning.io.profiles import load_default_profiles, read_profiles
+from planning.io.profiles import (
+    LoadTime,
+    ProfileError,
+    load_default_profiles,
+    read_load_entries,
+    read_profiles,
+)
 from planning.length_dist import LengthDistribution
 from planning.profile import (
     GpuSpec,
@@ -45,6 +65,7 @@ from planning.profile import (
     UnknownModelError,
     scaled_profile,
 )
+from workers.measured_steps import Measured, MeasuredSteps, MeasuredStepsError, read_measured
 
 DEFAULT_TRUTH_SEED = 20261123  # deliberately not the planner's seed (0)
 
@@ -66,6 +87,11 @@ class Truth:
     length_scale: Mapping[str, float] = field(default_factory=dict)  # model id -> x (default 1)
     latency_scale: Mapping[str, float] = field(default_factory=dict)  # model id -> x (default 1)
     profiles_path: Path | None = None  # samullm profile set; None = the shipped default
+    steps: Literal["profile", "measured"] = "profile"  # step latency source
+    iterations_path: Path | None = None  # raw iteration records; None = the shared A100 file
+    load: Literal["profile", "measured"] = "profile"  # load time source
+    load_times_path: Path | None = None  # load-time records; None = the shared A100 file
+    scheduler: Mode = "v1"  # the virtual engine's batching semantics
 
 
 # ------------------------------------------------------------------ truth file
@@ -83,6 +109,11 @@ class _TruthFile(BaseModel):
     lengths: str | None = Field(default=None, min_length=1)
     profiles: str | None = Field(default=None, min_length=1)
     models: dict[str, _ModelTruth] = Field(default_factory=dict)
+    steps: Literal["profile", "measured"] = "profile"
+    iterations: str | None = Field(default=None, min_length=1)
+    load: Literal["profile", "measured"] = "profile"
+    load_times: str | None = Field(default=None, min_length=1)
+    scheduler: Literal["v1", "legacy030"] = "v1"
 
 
 def load_truth(path: str | Path | None) -> Truth:
@@ -107,7 +138,10 @@ def load_truth(path: str | Path | None) -> Truth:
         length_scale={m: t.length_scale for m, t in spec.models.items()},
         latency_scale={m: t.latency_scale for m, t in spec.models.items()},
         profiles_path=_existing(base, spec.profiles, path, "profiles"),
-    )
+        steps=spec.steps, iterations_path=_existing(base, spec.iterations, path, "iterations"),
+        load=spec.load, load_times_path=_existing(base, spec.load_times, path, "load_times"),
+        scheduler=spec.scheduler,
+    )  # fmt: skip
 
 
 def _read_doc(path: Path) -> Any:
@@ -141,6 +175,9 @@ class TruthWorld:
         self._profile_set: ProfileSet | None = None
         self._profiles: dict[tuple[str, int], ModelProfile] = {}
         self._like: dict[str, str] = {}  # model -> model whose pmf stands in for it
+        self._measured: dict[tuple[str, int], Measured] | None = None
+        self._steps: dict[tuple[str, int], StepCost] = {}
+        self._loads: dict[tuple[str, int], list[LoadTime]] | None = None
 
     # -------------------------------------------------------------- lengths
     def length(
@@ -244,3 +281,106 @@ class TruthWorld:
                 f"truth: no profile for model {model!r} at tp={tp} in {where}: {e}; give the "
                 "truth file a `profiles:` set with a profile or an architecture for it"
             ) from None
+
+    def preload(self) -> None:
+        """Read every file this truth needs (pdfs, profiles, records) once, up front.
+
+        Raises:
+            TruthError, ProfileError: a file is unreadable (as the first task would).
+        """
+        self._lengths()
+        _ = self.profile_set
+        if self.truth.steps == "measured":
+            self._records()
+        if self.truth.load == "measured":
+            self._load_records()
+
+    # -------------------------------------------------------------- measured world
+    def step_cost(self, model: str, tp: int) -> StepCost:
+        """What one engine step of ``model`` at ``tp`` really costs: the profile's step model,
+        or with ``steps: measured`` the records (a proxy's, scaled, when ``model`` has none).
+
+        Raises:
+            TruthError: no profile (see :meth:`profile`), or unreadable records.
+        """
+        got = self._steps.get((model, tp))
+        if got is None:
+            got = self._steps[(model, tp)] = self._step_cost(model, tp)
+        return got
+
+    def _step_cost(self, model: str, tp: int) -> StepCost:
+        if self.truth.steps == "profile":
+            return self.profile(model, tp).step
+        measured = self._records()
+        scale = self.truth.latency_scale.get(model, 1.0)
+        own = measured.get((model, tp))
+        if own is not None:
+            return MeasuredSteps(own, scale=scale)
+        proxy = self._proxy(model, tp, measured)
+        ratio = (self._resolve(model, tp).step, self._resolve(proxy.model, tp).step)
+        return MeasuredSteps(proxy, ratio=ratio, scale=scale)
+
+    def _records(self) -> dict[tuple[str, int], Measured]:
+        if self._measured is None:
+            path = self.truth.iterations_path or _shared("a100_vllm030_iteration_latency.csv.gz")
+            try:
+                self._measured = read_measured(path)
+            except MeasuredStepsError as e:
+                raise TruthError(f"truth: steps: measured: {e}") from None
+        return self._measured
+
+    def _proxy(self, model: str, tp: int, measured: dict[tuple[str, int], Measured]) -> Measured:
+        """The measured model at ``tp`` most like ``model``: the same MLP kind, then the
+        closest weight bytes per GPU (by the profile set)."""
+        me = self._resolve(model, tp)
+        kind = self._mlp(model)
+        cands = [m for (name, t), m in measured.items() if t == tp and self._known(name, tp)]
+        if not cands:
+            raise TruthError(f"truth: steps: measured: no measured model at tp={tp} to stand "
+                             f"in for {model!r}")  # fmt: skip
+        return min(cands, key=lambda m: (
+            self._mlp(m.model) != kind,
+            abs(self._resolve(m.model, tp).weight_bytes_per_gpu - me.weight_bytes_per_gpu),
+            m.model,
+        ))  # fmt: skip
+
+    def _known(self, model: str, tp: int) -> bool:
+        try:
+            self._resolve(model, tp)
+        except TruthError:
+            return False
+        return True
+
+    def _mlp(self, model: str) -> str:
+        arch = self.profile_set.archs.get(model)
+        return arch.mlp if arch is not None else ""
+
+    def load_time(self, model: str, tp: int) -> float:
+        """Simulated seconds an engine load of ``model`` at ``tp`` takes (latency scale
+        included): the profile's, or with ``load: measured`` one recorded load time of the
+        (model, tp) picked by the seed (the profile's when it has no record)."""
+        scale = self.truth.latency_scale.get(model, 1.0)
+        if self.truth.load == "measured":
+            records = self._load_records().get((model, tp))
+            if records:
+                digest = hashlib.sha256(f"{self.truth.seed}|load|{model}|{tp}".encode()).digest()
+                pick = records[int.from_bytes(digest[:8], "big") % len(records)]
+                return pick.seconds * scale
+        return self._resolve(model, tp).load_time_s * scale
+
+    def _load_records(self) -> dict[tuple[str, int], list[LoadTime]]:
+        if self._loads is None:
+            path = self.truth.load_times_path or _shared("a100_model_load_time.json")
+            try:
+                self._loads = read_load_entries(path)
+            except (ProfileError, OSError) as e:
+                raise TruthError(f"truth: load: measured: {e}") from None
+        return self._loads
+
+
+def _shared(name: str) -> Path:
+    return load_settings().shared_dir / "data" / name
+
+
+A100_MEASURED = Truth(steps="measured", load="measured", scheduler="legacy030")
+"""The measured A100 world (raw step records, recorded load times, vLLM 0.3.0 batching)."""

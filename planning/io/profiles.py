@@ -383,14 +383,15 @@ class LoadTime:
     source: str  # file in the authors' repository the value comes from
 
 
-def read_load_times(path: str | Path) -> dict[tuple[str, int], LoadTime]:
-    """``a100_model_load_time.json``: one load time per (model, tp), weight_load_degree 2."""
+def read_load_entries(path: str | Path) -> dict[tuple[str, int], list[LoadTime]]:
+    """``a100_model_load_time.json``: every weight_load_degree 2 record per (model, tp), in file
+    order."""
     path = Path(path)
     with _open_text(path) as handle:
         data = _json_loads(handle.read(), str(path))
     if not isinstance(data, list):
         raise ProfileError(f"{path}: expected a list of entries")
-    chosen: dict[tuple[str, int], tuple[int, LoadTime]] = {}
+    out: dict[tuple[str, int], list[LoadTime]] = {}
     for i, entry in enumerate(data):
         where = f"{path}: entry {i}"
         if _number(_field(entry, "weight_load_degree", where), f"{where}.weight_load_degree") != 2:
@@ -399,14 +400,24 @@ def read_load_times(path: str | Path) -> dict[tuple[str, int], LoadTime]:
                                                      integer=True))  # fmt: skip
         seconds = _number(_field(entry, "seconds", where), f"{where}.seconds")
         source, machine = _text(entry, "source", where), _text(entry, "machine", where)
-        rank = next(
-            (r for r, (src, mach) in enumerate(_LOAD_SOURCE_RANK)
-             if source == src and machine.startswith(mach)),
-            len(_LOAD_SOURCE_RANK),
-        )  # fmt: skip
-        old = chosen.get(key)
-        if old is None or (rank, seconds) < (old[0], old[1].seconds):
-            chosen[key] = (rank, LoadTime(seconds, machine.split(" ")[0], source))
+        out.setdefault(key, []).append(LoadTime(seconds, machine, source))
+    return out
+
+
+def read_load_times(path: str | Path) -> dict[tuple[str, int], LoadTime]:
+    """``a100_model_load_time.json``: one load time per (model, tp), weight_load_degree 2: the
+    fastest record of the most preferred source (``_LOAD_SOURCE_RANK``)."""
+    chosen: dict[tuple[str, int], tuple[int, LoadTime]] = {}
+    for key, entries in read_load_entries(path).items():
+        for e in entries:
+            rank = next(
+                (r for r, (src, mach) in enumerate(_LOAD_SOURCE_RANK)
+                 if e.source == src and e.machine.startswith(mach)),
+                len(_LOAD_SOURCE_RANK),
+            )  # fmt: skip
+            old = chosen.get(key)
+            if old is None or (rank, e.seconds) < (old[0], old[1].seconds):
+                chosen[key] = (rank, LoadTime(e.seconds, e.machine.split(" ")[0], e.source))
     return {k: v[1] for k, v in chosen.items()}
 
 

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from planning.batching_sim import EngineConfig, SimRequest, SimResult, Snapshot, simulate
+from planning.batching_sim import EngineConfig, Mode, SimRequest, SimResult, Snapshot, simulate
 from planning.estimate import ServingConfig, engine_for
 from planning.profile import ModelProfile
 from workers.engines.base import Aborted, EngineKey, EngineRequest, StepUpdate
@@ -116,7 +116,10 @@ class SimEngine:
         self._tick_s = tick_s  # real s per step call
         self._sleep, self._now = sleep, now
         self.profile: ModelProfile = truth.profile(key.model, key.tp)
-        self.engine_config: EngineConfig = engine_for(self.profile, truth.gpu, _serving(key))
+        self.engine_config: EngineConfig = engine_for(
+            self.profile, truth.gpu, _serving(key, truth.truth.scheduler)
+        )
+        self._cost = truth.step_cost(key.model, key.tp)  # the truth's step latencies
         self._live: dict[str, _Live] = {}  # unfinished requests, in order added
         self._run: _Run | None = None
         self._dirty = False  # the request set changed since the schedule was simulated
@@ -125,7 +128,7 @@ class SimEngine:
         self._last_step = 0.0  # s; mean simulated latency of the last step call
         self._steps = 0  # simulated iterations so far
         self._anchor = (self._now(), 0.0)  # (wall s, engine clock s) pacing is measured from
-        self._load = self.profile.load_time_s  # s
+        self._load = truth.load_time(key.model, key.tp)  # s
         self._clock = self._load
         self._pace()
         self._idle = True  # no work since the load: re-anchor pacing on the next busy step
@@ -261,7 +264,7 @@ class SimEngine:
                        generated=live.tokens)
             for live in self._live.values()
         ]  # fmt: skip
-        result = simulate(requests, self.engine_config, self.profile.step, record_steps=True)
+        result = simulate(requests, self.engine_config, self._cost, record_steps=True)
         assert result.steps is not None  # record_steps=True
         self._run = _Run(result, keys, result.steps.end_s, self._clock)
 
@@ -333,9 +336,11 @@ def _finished(live: _Live) -> StepUpdate:
     )
 
 
-def _serving(key: EngineKey) -> ServingConfig:
-    """The user's engine settings of ``key`` (None max_model_len = the model's own)."""
+def _serving(key: EngineKey, mode: Mode) -> ServingConfig:
+    """The user's engine settings of ``key`` (None max_model_len = the model's own), batched
+    with ``mode``'s semantics."""
     return ServingConfig(
+        mode=mode,
         gpu_memory_utilization=key.gpu_memory_utilization,
         max_num_seqs=key.max_num_seqs,
         max_num_batched_tokens=key.max_num_batched_tokens,
