@@ -13,7 +13,7 @@ decides whether to look (:meth:`Adjuster.due`):
 A look builds the job's mid-run state (:func:`midrun_state`: open requests with the tokens they
 generated, beliefs recalibrated from progress, the runs up now, the assignments not launched,
 the groups that have a live worker) and asks :mod:`planning.midrun` for the three candidates on a
-look thread, so the coordinator's loop goes on launching and committing meanwhile; the next
+look process, so the coordinator's loop goes on launching and committing meanwhile; the next
 ``advance`` after they are in takes the decision. The current plan's estimate is the job's
 live remaining time (P50/P90).
 
@@ -29,9 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 DRIFT = 0.15  # relative change of a calibrated scale that triggers a look
 PERIOD_FRAC = 0.25  # of the planned makespan between periodic looks
 MIN_LOOK_GAP_S = 1.0  # real s between two looks
+# NOTE(adjust): a look (and the calibration check) waits this many times its own cost before
+# the next one, so looks take at most ~1/(1 + LOOK_DUTY) of a CPU core from the workers and the
+# checks as much of the coordinator's loop; on a 90,000-request job a look costs seconds.
+LOOK_DUTY = 4.0
 LOOK_DRAWS = 3  # length draws per look (the decision pairs candidates draw by draw)
 LOOK_SEARCH_BUDGET = 500  # requests simulated per run while searching during a look
 LOOK_EVAL_BUDGET = 1000  # requests simulated per run for the candidates' estimates
@@ -66,6 +71,8 @@ class Adjuster:
     switches: int = 0
     last_look_real: float = -math.inf  # unix s
     last_check_real: float = -math.inf  # unix s; the calibrated scales were last compared
+    look_gap_s: float = MIN_LOOK_GAP_S  # real s the next look waits after the last one
+    check_gap_s: float = MIN_LOOK_GAP_S  # real s between two calibration checks
     orphans_seen: int = 0  # open requests with neither a task nor an assignment, last tick
     last_look_s: float = -math.inf  # engine s since the job started
     last_switch_s: float = -math.inf  # engine s since the job started
@@ -97,10 +104,15 @@ class Adjuster:
         if why:
             self.urgent_whys.add(why)
             return self._count("lost worker", why)
-        if time.time() - self.last_check_real < MIN_LOOK_GAP_S:
+        if time.time() - self.last_look_real < self.look_gap_s:
             return ""
+        if time.time() - self.last_check_real < self.check_gap_s:
+            return ""
+        t0 = time.perf_counter()
+        scales = calibrated_scales(run)
         self.last_check_real = time.time()
-        for m, (lat, length) in calibrated_scales(run).items():
+        self.check_gap_s = max(MIN_LOOK_GAP_S, LOOK_DUTY * (time.perf_counter() - t0))
+        for m, (lat, length) in scales.items():
             lat0, len0 = self.scales.get(m, (1.0, 1.0))
             if abs(lat / lat0 - 1) > DRIFT or abs(length / len0 - 1) > DRIFT:
                 return self._count("drift", f"{m}: calibrated x{lat:.2f} latency, "
@@ -116,7 +128,7 @@ class Adjuster:
         return why
 
     def look(self, run: JobRun, workers: dict[str, WorkerInfo], t_now: float, why: str) -> None:
-        """Snapshot the job and evaluate the candidates on the look thread; :meth:`poll`
+        """Snapshot the job and evaluate the candidates in the look process; :meth:`poll`
         decides once they are in (the coordinator's loop goes on meanwhile)."""
         t0 = time.perf_counter()
         scales = calibrated_scales(run)
@@ -148,6 +160,8 @@ class Adjuster:
             self._record(run, t_look, why, None, f"not re-planned: {e}")
             return False
         self.look_s += spent
+        self.look_gap_s = max(MIN_LOOK_GAP_S, LOOK_DUTY * spent)
+        self.last_look_real = time.time()  # the pause runs from the look's end
         d = decide(cands, self.policy, switches=self.switches,
                    since_switch_s=t_look - self.last_switch_s, urgent=urgent)  # fmt: skip
         before = self.switches
@@ -192,13 +206,20 @@ class Adjuster:
                      why, note)  # fmt: skip
 
 
-_EXECUTOR: list[ThreadPoolExecutor] = []
+_EXECUTOR: list[ProcessPoolExecutor] = []
 
 
-def _executor() -> ThreadPoolExecutor:
-    """The one thread looks are evaluated on (numpy and the simulator, no Redis)."""
+def _executor() -> ProcessPoolExecutor:
+    """The one process looks are evaluated in (numpy and the simulator, no Redis).
+
+    NOTE(adjust): a process, not a thread: a look of a 90,000-request job simulates for
+    seconds, and on a thread it held the GIL against the coordinator loop, whose every Redis
+    round trip then waited for the GIL (ensemble_10k ran 7x over its plan). Forked at the first
+    look; the child only runs pure planning code.
+    """
     if not _EXECUTOR:
-        _EXECUTOR.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="samullm-look"))
+        ctx = multiprocessing.get_context("fork")
+        _EXECUTOR.append(ProcessPoolExecutor(max_workers=1, mp_context=ctx))
     return _EXECUTOR[0]
 
 

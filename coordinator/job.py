@@ -145,7 +145,7 @@ def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
         loaded = _believed(loaded, opts.belief)
     cfg = PlannerConfig(draws=opts.draws, seed=opts.seed)
     report = plan_app(loaded.graph, cluster, serving=serving, config=cfg,
-                      compare=opts.method != "samullm")  # fmt: skip
+                      compare=opts.method != "samullm", baselines=(opts.method,))  # fmt: skip
     est = report.searched if opts.method == "samullm" else report.baselines[opts.method]
     plan_s = time.perf_counter() - t0
     units = _run_units(loaded, est.ctx.units)

@@ -244,8 +244,8 @@ class JobRun:
         if key in self.done:
             return
         self.done[key] = tokens
+        # stored with the model marks, once per batch of events (Coordinator._store_marks)
         self.t_last_commit = max(self.t_last_commit, at)
-        self.r.hset(self.k.state, "last_commit_at", self.t_last_commit)
         self.partial.pop(key, None)
         if key in self.job.routes:
             self._route(key)

@@ -36,7 +36,8 @@ from coordinator.store import COORDINATOR_GROUP, JOBS, SUBMISSIONS, WORKERS, Job
 
 log = logging.getLogger(__name__)
 BLOCK_MS = 50  # ms a read waits for new entries
-SUMMARY_EVERY_S = 0.5  # s between progress summaries
+SUMMARY_EVERY_S = 0.5  # s between progress summaries, at least
+SUMMARY_DUTY = 4.0  # a summary waits this many times its own cost before the next one
 VISIBILITY_S = 6 * 3600.0  # s; above TASK_DEADLINE_S
 
 
@@ -75,6 +76,7 @@ class Coordinator:
         self._dirty: set[str] = set()  # jobs whose marks are not stored yet
         self.rng = np.random.default_rng(0)
         self._last_summary = 0.0
+        self._summary_gap = SUMMARY_EVERY_S  # s; grows with what a summary costs
 
     # ------------------------------------------------------------------ loop
     def serve(self, stop: threading.Event | None = None) -> None:
@@ -130,12 +132,16 @@ class Coordinator:
             if run.finished():
                 self._finish(run, workers)
                 del self.runs[job_id]
-        if time.time() - self._last_summary >= SUMMARY_EVERY_S:
-            self._last_summary = time.time()
+        if time.time() - self._last_summary >= self._summary_gap:
+            t0 = time.perf_counter()
             for run in self.runs.values():
                 self._summarise(run, workers)
                 self.r.hset(run.k.state, "planned_vs_actual",
                             json.dumps(self._accuracy(run, workers, None)))  # fmt: skip
+            self._last_summary = time.time()
+            # the per-unit ETAs re-simulate every open request: on a big job that costs more
+            # than the loop that dispatches and reads commits may give up
+            self._summary_gap = max(SUMMARY_EVERY_S, SUMMARY_DUTY * (time.perf_counter() - t0))
 
     # ------------------------------------------------------------------ jobs
     def _accept(self, job_id: str) -> None:
@@ -243,12 +249,16 @@ class Coordinator:
         self._dirty.add(run.job.job_id)
 
     def _store_marks(self) -> None:
-        """Persist changed marks before the entries that changed them are acknowledged."""
+        """Persist changed marks and the last commit time before the entries that changed them
+        are acknowledged."""
         for job_id in self._dirty:
             if job_id not in self.marks:  # finished meanwhile: its final record is stored
                 continue
             doc = {m: [v.start_at, v.end_at] for m, v in self.marks[job_id].items()}
-            self.r.hset(JobKeys(job_id).state, "model_marks", json.dumps(doc))
+            state: dict[str, Any] = {"model_marks": json.dumps(doc)}
+            if (run := self.runs.get(job_id)) is not None and run.t_last_commit:
+                state["last_commit_at"] = run.t_last_commit
+            self.r.hset(JobKeys(job_id).state, mapping=state)
         self._dirty.clear()
 
     def _accuracy(

@@ -194,6 +194,17 @@ class Ledger:
                          args=[out.key, str(out.epoch), out.to_json()])
         )  # fmt: skip
 
+    def commit_many(self, outs: list[RequestOutput]) -> list[int]:
+        """Commit each of ``outs`` (each atomic on its own) in one round trip; their verdicts."""
+        if not outs:
+            return []
+        k = self.keys
+        pipe = self.r.pipeline(transaction=False)
+        for out in outs:
+            self._commit(keys=[k.out, k.epoch, k.events, k.stats],
+                         args=[out.key, str(out.epoch), out.to_json()], client=pipe)  # fmt: skip
+        return [int(v) for v in pipe.execute()]
+
     def claim_task(self, task_id: str) -> int:
         """Record a delivery of ``task_id``: its count, or -1 when the task was cancelled."""
         return int(self._start(keys=[self.keys.task(task_id)]))

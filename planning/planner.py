@@ -3,14 +3,16 @@
 :func:`plan_app` samples ``draws`` realisations of every output length (seeded), searches a plan
 with the greedy stage search on the first draw (scaled simulations, ``search_budget``), and
 replays the chosen plan under every draw at ``eval_budget`` to report P50/P90 makespans. With
-``compare`` it also builds every baseline (method.md §8) on the first draw, estimates each under
-the same draws, and reports the lower bound. The returned plan is the best estimated one: the
+``compare`` it also builds every baseline (method.md §8; or those named by ``baselines``) on the
+first draw and estimates each under the same draws; the lower bound is always reported. The
+returned plan is the best estimated one: the
 searched plan, or a baseline's plan when that is better under the same draws (the search treats
 the heuristics as extra candidates; ``chosen_from`` says which).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +93,7 @@ def plan_app(
     serving: ServingConfig | None = None,
     config: PlannerConfig | None = None,
     compare: bool = False,
+    baselines: Collection[str] | None = None,
 ) -> PlanReport:
     """Search a plan for ``graph`` on ``cluster`` and estimate it (see module docstring)."""
     cfg = config or PlannerConfig()
@@ -104,12 +107,12 @@ def plan_app(
     bound = lower_bound(ctx, tables)
     if not compare:
         return PlanReport(searched, "samullm", searched, {}, bound)
-    baselines = _baselines(graph, ctx, draws, tables, cfg)
+    found = _baselines(graph, ctx, draws, tables, cfg, baselines)
     best, chosen = searched, "samullm"
-    for name, est in baselines.items():
+    for name, est in found.items():
         if est.mean < best.mean - 1e-9:
             best, chosen = est, name
-    return PlanReport(best, chosen, searched, baselines, bound)
+    return PlanReport(best, chosen, searched, found, bound)
 
 
 def _baselines(
@@ -118,6 +121,7 @@ def _baselines(
     draws: tuple[Draw, ...],
     tables: list[UnitTable],
     cfg: PlannerConfig,
+    names: Collection[str] | None = None,
 ) -> dict[str, PlanEstimate]:
     flat_units = build_units(graph, fuse=False)
     flat = PlanContext(graph, flat_units, ctx.cluster, ctx.serving)
@@ -125,6 +129,8 @@ def _baselines(
     flat_tables = None
     out: dict[str, PlanEstimate] = {}
     for name, build in BASELINES.items():
+        if names is not None and name not in names:
+            continue
         if name == "naive":
             if flat_tables is None:
                 flat_tables = build_tables(flat, flat_draws[0], cfg.search_budget)

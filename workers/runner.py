@@ -185,28 +185,30 @@ def _apply(run: _Run, updates: list[StepUpdate]) -> None:
     run.lat_n += 1
     for u in updates:
         run.tokens[u.key] = u.tokens
-        if u.finished:
-            _commit(run, u)
+    _commit(run, [u for u in updates if u.finished])
 
 
-def _commit(run: _Run, u: StepUpdate) -> None:
-    item = run.items.pop(u.key)
-    out = RequestOutput(
-        key=u.key, node=item.node, request_id=item.request_id, text=u.text,
-        prompt_tokens=item.prompt_tokens, output_tokens=u.tokens,
-        finish_reason=u.finish_reason or "stop", epoch=item.epoch,
-        task_id=run.task.task_id, queue=run.queue,
-    )  # fmt: skip
-    verdict = run.ledger.commit(out)
-    if verdict == COMMITTED:
-        run.committed += 1
-    elif verdict == DUPLICATE:
-        run.duplicates += 1
-    else:
-        run.fenced += 1
-    run.left -= 1
-    run.finished.append(u.key)
-    run.tokens.pop(u.key, None)
+def _commit(run: _Run, finished: list[StepUpdate]) -> None:
+    """Commit the step's finished outputs (one round trip; each commit fenced on its own)."""
+    outs = []
+    for u in finished:
+        item = run.items.pop(u.key)
+        outs.append(RequestOutput(
+            key=u.key, node=item.node, request_id=item.request_id, text=u.text,
+            prompt_tokens=item.prompt_tokens, output_tokens=u.tokens,
+            finish_reason=u.finish_reason or "stop", epoch=item.epoch,
+            task_id=run.task.task_id, queue=run.queue,
+        ))  # fmt: skip
+    for u, verdict in zip(finished, run.ledger.commit_many(outs), strict=True):
+        if verdict == COMMITTED:
+            run.committed += 1
+        elif verdict == DUPLICATE:
+            run.duplicates += 1
+        else:
+            run.fenced += 1
+        run.left -= 1
+        run.finished.append(u.key)
+        run.tokens.pop(u.key, None)
 
 
 def _maybe_progress(run: _Run, now: Callable[[], float], *, force: bool = False) -> None:
