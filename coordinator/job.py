@@ -144,9 +144,9 @@ def build_job(sub: JobSubmission, shared_lengths: Path) -> JobModel:
     if opts.belief:
         loaded = _believed(loaded, opts.belief)
     cfg = PlannerConfig(draws=opts.draws, seed=opts.seed)
-    report = plan_app(loaded.graph, cluster, serving=serving, config=cfg,
-                      compare=opts.method != "samullm", baselines=(opts.method,))  # fmt: skip
-    est = report.searched if opts.method == "samullm" else report.baselines[opts.method]
+    baseline = None if opts.method == "samullm" else opts.method
+    report = plan_app(loaded.graph, cluster, serving=serving, config=cfg, only=baseline)
+    est = report.searched
     plan_s = time.perf_counter() - t0
     units = _run_units(loaded, est.ctx.units)
     reqs, unit_keys = _requests(loaded, units)

@@ -87,6 +87,10 @@ class SimRequest:
     # arrives at max(arrival_s, that request's finish time); -1 = none. Used for vertically
     # fused chains (the same model continuing a document after its previous chunk).
     after: int = -1
+    # Already running on this replica at time 0: the KV of its prompt and of its generated
+    # tokens but the last is computed, so it decodes from the first step without a prefill
+    # (the sim engine re-simulating after a new request joined). Needs generated >= 1.
+    resident: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +341,7 @@ class ReplicaSim:
             )
         else:
             order = sorted(range(n), key=lambda i: (self.arrival[i], i))
+        order = [i for i in order if not requests[i].resident]
         self.pending = deque(order)  # requests not arrived yet, by (arrival, index)
         self.released: list[tuple[float, int]] = []  # heap of (arrival, request) of dependants
         self.waiting: deque[int] = deque()
@@ -352,6 +357,20 @@ class ReplicaSim:
         self._finished_blocks = 0  # blocks of requests that ended in the last step's prefill
         self.segments: list[_Segment] = []
         self.log = _StepLogBuilder() if record_steps else None
+        for i, r in enumerate(requests):
+            if r.resident:
+                self._seat(i)
+
+    def _seat(self, r: int) -> None:
+        """Put resident request r in the decode set, as right after its last token."""
+        g = self.gen[r]
+        after = self.comp[r] = self.prompt[r] + g - 1
+        self.running[r] = None
+        self.in_dec[r] = True
+        d = self.dval[r] = after - self.ds
+        self.dec.add(d)
+        self.phases[r].append((1, self.ds, g, self.target[r] - g))
+        heapq.heappush(self.dec.heap, (self.ds + self.target[r] - g - 1, r, self.epoch[r]))
 
     # ------------------------------------------------------------------ driver
     def run(self) -> SimResult:
@@ -777,6 +796,8 @@ def _targets(requests: Sequence[SimRequest], engine: EngineConfig) -> list[int]:
                 f"request {i}: need output_len > generated >= 0 "
                 f"(output_len={r.output_len}, generated={r.generated})"
             )
+        if r.resident and (r.generated < 1 or r.after >= 0):
+            raise ValueError(f"request {i}: a resident request needs generated >= 1, no after")
         target = min(r.output_len, engine.max_model_len - r.prompt_len)
         reserve = int(engine.watermark * engine.num_kv_blocks) if engine.mode == "legacy030" else 0
         if _cdiv(r.prompt_len + target, engine.block_size) + reserve > engine.num_kv_blocks:

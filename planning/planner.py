@@ -94,17 +94,29 @@ def plan_app(
     config: PlannerConfig | None = None,
     compare: bool = False,
     baselines: Collection[str] | None = None,
+    only: str | None = None,
 ) -> PlanReport:
-    """Search a plan for ``graph`` on ``cluster`` and estimate it (see module docstring)."""
+    """Search a plan for ``graph`` on ``cluster`` and estimate it (see module docstring);
+    ``only``: build just that baseline's plan instead (``best``, ``searched`` and ``chosen_from``
+    are then that baseline's).
+
+    Raises:
+        KeyError: ``only`` names no baseline.
+    """
+    if only is not None and only not in BASELINES:
+        raise KeyError(f"no baseline {only!r}; known: {', '.join(BASELINES)}")
     cfg = config or PlannerConfig()
     serv = serving or ServingConfig()
     units = build_units(graph, fuse=cfg.fuse)
     ctx = PlanContext(graph, units, cluster, serv)
     draws = realise_draws(graph, units, cfg.seed, cfg.draws)
     tables = build_tables(ctx, draws[0], cfg.search_budget)
+    bound = lower_bound(ctx, tables)
+    if only is not None:  # one baseline's plan, no search
+        (est,) = _baselines(graph, ctx, draws, tables, cfg, (only,)).values()
+        return PlanReport(est, only, est, {only: est}, bound)
     plan, _ = StageSearch(ctx, draws[0], tables, cfg.search, budget=cfg.search_budget).run()
     searched = _estimate(plan, ctx, draws, cfg.eval_budget)
-    bound = lower_bound(ctx, tables)
     if not compare:
         return PlanReport(searched, "samullm", searched, {}, bound)
     found = _baselines(graph, ctx, draws, tables, cfg, baselines)

@@ -437,3 +437,40 @@ def test_dp_balanced_weighs_whole_chains() -> None:
     ]
     assert assign_replicas(reqs, 2, "balanced") == [[0, 1, 2], [3, 4, 5]]
     assert assign_replicas(reqs, 2, "round_robin") == [[0, 1, 2, 4], [3, 5]]
+
+
+@pytest.mark.parametrize("mode", ["v1", "legacy030"])
+def test_resident_requests_decode_without_a_prefill(mode: str) -> None:
+    """A request already running on the replica (the sim engine re-simulating after a new one
+    joined) goes on decoding: no prefill step, its KV counted from the first step."""
+    cfg = EngineConfig(num_kv_blocks=4000, max_model_len=4096, max_num_seqs=8,
+                       max_num_batched_tokens=4096, block_size=16, mode=mode)  # fmt: skip
+    res = simulate([SimRequest(1000, 50, generated=10, resident=True)], cfg, COST,
+                   record_steps=True)  # fmt: skip
+    assert res.num_steps == 40 and res.steps is not None
+    assert (res.steps.prefill_tokens == 0).all()
+    # the first decode step attends the prompt and the 9 generated tokens before the last
+    assert res.total_s == pytest.approx(COST.decode_run_latency(1, 1000 + 10, 40))
+    assert list(res.snapshot(res.total_s / 2).generated)[0] in range(11, 50)
+    again = simulate([SimRequest(1000, 50, generated=10)], cfg, COST)  # a moved prefix
+    assert again.total_s > res.total_s + 0.5 * COST.step_latency(1000, 0, 1, 1000, 0)
+    with pytest.raises(ValueError, match="resident"):
+        simulate([SimRequest(100, 50, resident=True)], cfg, COST)
+
+
+def test_continuing_from_residents_matches_the_uninterrupted_run() -> None:
+    """Stop a schedule at a decode-only moment, continue its running requests as residents:
+    the rest takes what the uninterrupted run took (what the sim engine relies on)."""
+    cfg = EngineConfig(num_kv_blocks=4000, max_model_len=2048, max_num_seqs=64, block_size=16)
+    reqs = [SimRequest(50 + 13 * i, 40 + 7 * i) for i in range(30)]
+    full = simulate(reqs, cfg, COST)
+    t = full.total_s / 2
+    snap = full.snapshot(t)
+    rest = [
+        SimRequest(r.prompt_len, r.output_len, generated=int(g), resident=g > 0)
+        for r, g, done in zip(reqs, snap.generated, snap.finished, strict=True)
+        if not done
+    ]
+    assert all(r.resident for r in rest)  # every prompt was in by then
+    cont = simulate(rest, cfg, COST)
+    assert t + cont.total_s == pytest.approx(full.total_s, rel=0.03)

@@ -143,6 +143,21 @@ def test_every_request_once_and_dependencies_respected_in_chain(profiles, pdfs):
     assert report.lower_bound is not None and report.lower_bound <= report.best.p50
 
 
+def test_one_baseline_alone_is_the_compared_one(profiles, pdfs):
+    """``only=`` (a baseline job) builds just that plan, the same one ``compare`` builds."""
+    graph = _ensemble(profiles, pdfs, n=200)
+    cfg = PlannerConfig(draws=2)
+    full = plan_app(graph, PAIRS, config=cfg, compare=True)
+    for name in ("sequential", "static", "naive"):
+        one = plan_app(graph, PAIRS, config=cfg, only=name)
+        assert one.chosen_from == name and set(one.baselines) == {name}
+        assert one.best.plan == full.baselines[name].plan
+        assert one.best.p50 == pytest.approx(full.baselines[name].p50)
+        assert one.lower_bound == pytest.approx(full.lower_bound)
+    with pytest.raises(KeyError, match="no baseline 'greedy'"):
+        plan_app(graph, PAIRS, config=cfg, only="greedy")
+
+
 def test_deterministic_for_a_seed(profiles, pdfs):
     graph = _ensemble(profiles, pdfs, n=200)
     a = plan_app(graph, PAIRS, config=PlannerConfig(draws=3, seed=7))

@@ -259,9 +259,15 @@ class SimEngine:
         if not keys:
             self._run = None
             return
+        # NOTE(sim-engine): a request that generated tokens here is running: its KV stays, so
+        # it goes on decoding (resident) instead of recomputing its prompt, as it would if
+        # every new request preempted the batch (a chain fed one request at a time ran 4x
+        # slower). One that the truth's schedule preempted is taken as running too (rare:
+        # only near KV capacity). A prefix brought from another worker is recomputed.
         requests = [
             SimRequest(prompt_len=live.request.prompt_tokens, output_len=live.target,
-                       generated=live.tokens)
+                       generated=live.tokens,
+                       resident=live.tokens > live.request.generated_tokens)
             for live in self._live.values()
         ]  # fmt: skip
         result = simulate(requests, self.engine_config, self._cost, record_steps=True)
