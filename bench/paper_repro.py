@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--run-wall",
         type=float,
-        default=8.0,
+        default=7.0,
         help="real s our run should take (sets each preset's time scale)",
     )
     ap.add_argument("--plots", type=Path, help="write speedup bars and Gantt charts here")
