@@ -61,7 +61,8 @@ def _heartbeat(
     """Refresh the worker's :class:`WorkerInfo` every HEARTBEAT_S, from a forked child process.
 
     A process of its own, so a worker busy in Python (an engine load, a long step) never misses a
-    beat for want of the GIL. It waits for ``ready`` (the worker can take tasks), stops with
+    beat for want of the GIL. It waits for ``ready`` (the worker is set up), says ``consuming``
+    once Celery consumes the queue (a job's tasks then start at once), stops with
     ``stop`` (removing the entry) and exits on its own when the worker dies (the beat stops, the
     coordinator sees the worker lost).
     """
