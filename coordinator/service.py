@@ -104,12 +104,12 @@ class Coordinator:
             name = decode(stream)
             for entry_id, fields in entries:
                 if fields:  # a pending entry already deleted by MAXLEN reads as empty
-                    self._apply(name, _stamped(entry_id, fields))
+                    self._apply(name, fields, entry_id)
             if entries:  # acknowledged once applied (a crash before this replays them)
                 self._store_marks()
                 self.r.xack(name, COORDINATOR_GROUP, *[entry_id for entry_id, _ in entries])
 
-    def _apply(self, stream: str, fields: dict[bytes, bytes]) -> None:
+    def _apply(self, stream: str, fields: dict[bytes, bytes], entry_id: bytes | str) -> None:
         if stream == SUBMISSIONS:
             self._accept(decode(fields[b"job_id"]))
             return
@@ -120,6 +120,7 @@ class Coordinator:
         if stream.endswith(":progress"):
             run.on_progress(fields)
         else:
+            fields = _stamped(entry_id, fields)
             n_done = len(run.done)
             run.on_event(fields)
             self._mark(run, fields, fresh_commit=len(run.done) > n_done)
@@ -191,7 +192,7 @@ class Coordinator:
         for stream, entries in got or []:
             for entry_id, fields in entries:
                 if fields:
-                    self._apply(decode(stream), _stamped(entry_id, fields))
+                    self._apply(decode(stream), fields, entry_id)
                 self._store_marks()
                 self.r.xack(decode(stream), COORDINATOR_GROUP, entry_id)
 

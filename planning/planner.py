@@ -3,11 +3,11 @@
 :func:`plan_app` samples ``draws`` realisations of every output length (seeded), searches a plan
 with the greedy stage search on the first draw (scaled simulations, ``search_budget``), and
 replays the chosen plan under every draw at ``eval_budget`` to report P50/P90 makespans. With
-``compare`` it also builds every baseline (method.md §8; or those named by ``baselines``) on the
-first draw and estimates each under the same draws; the lower bound is always reported. The
-returned plan is the best estimated one: the
-searched plan, or a baseline's plan when that is better under the same draws (the search treats
-the heuristics as extra candidates; ``chosen_from`` says which).
+``compare`` it also builds every baseline (method.md §8) on the first draw and estimates each
+under the same draws; the lower bound is always reported. The returned plan is the best
+estimated one: the searched plan, or a baseline's plan when that is better under the same draws
+(the search treats the heuristics as extra candidates; ``chosen_from`` says which). ``only``
+builds one baseline's plan and no search (a baseline job).
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ def plan_app(
     serving: ServingConfig | None = None,
     config: PlannerConfig | None = None,
     compare: bool = False,
-    baselines: Collection[str] | None = None,
     only: str | None = None,
 ) -> PlanReport:
     """Search a plan for ``graph`` on ``cluster`` and estimate it (see module docstring);
@@ -119,7 +118,7 @@ def plan_app(
     searched = _estimate(plan, ctx, draws, cfg.eval_budget)
     if not compare:
         return PlanReport(searched, "samullm", searched, {}, bound)
-    found = _baselines(graph, ctx, draws, tables, cfg, baselines)
+    found = _baselines(graph, ctx, draws, tables, cfg)
     best, chosen = searched, "samullm"
     for name, est in found.items():
         if est.mean < best.mean - 1e-9:
